@@ -1,0 +1,98 @@
+"""Turn a validated deployment into one fresh pipeline per call.
+
+Processor parameters are validated once at load time (so `validate` and `run` fail with the line
+of the bad key) and instantiated anew for every call: processors keep per-call state.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameProcessor
+from pydantic import BaseModel
+
+from pipelines.config import LoadedConfig
+from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
+from transports.frames import CallInfo
+
+
+@dataclass
+class ProcessorPlan:
+    entry: ProcessorEntry
+    params: BaseModel | dict[str, Any]
+    name: str | None
+
+
+@dataclass
+class DeploymentPlan:
+    loaded: LoadedConfig
+    transport_params: BaseModel
+    processors: list[ProcessorPlan]
+
+    @property
+    def transport(self):
+        return find_transport(self.loaded.config.transport.type)
+
+    def new_protocol(self, query: dict[str, str]):
+        return self.transport.protocol(self.transport_params, query)
+
+
+def plan(loaded: LoadedConfig) -> DeploymentPlan:
+    """Resolve every name and validate every `params:` block; raises ConfigError with the line."""
+    cfg = loaded.config
+    try:
+        transport = find_transport(cfg.transport.type)
+    except UnknownName as exc:
+        raise loaded.error(("transport", "type"), str(exc)) from None
+    transport_params = loaded.validate_model(transport.params, cfg.transport.params, ("transport", "params"))
+    plans = []
+    for i, spec in enumerate(cfg.processors):
+        try:
+            entry = find_processor(spec.type)
+        except UnknownName as exc:
+            raise loaded.error(("processors", i, "type"), str(exc)) from None
+        loc = ("processors", i, "params")
+        if entry.params is not None:
+            params: BaseModel | dict = loaded.validate_model(entry.params, spec.params, loc)
+        else:
+            _check_kwargs(loaded, entry, spec.params, loc)
+            params = dict(spec.params)
+        plans.append(ProcessorPlan(entry, params, spec.name))
+    return DeploymentPlan(loaded, transport_params, plans)
+
+
+def _check_kwargs(loaded: LoadedConfig, entry: ProcessorEntry, params: dict, loc: tuple):
+    try:
+        inspect.signature(entry.cls).bind_partial(**params)
+    except TypeError as exc:
+        key = next((k for k in params if k in str(exc)), None)
+        raise loaded.error(loc + ((key,) if key else ()), f"{entry.name}: {exc}") from None
+
+
+def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
+    kwargs: dict[str, Any] = {"name": p.name} if p.name else {}
+    if isinstance(p.params, BaseModel):
+        if "engine_url" in inspect.signature(p.entry.cls).parameters:
+            kwargs["engine_url"] = engine_url
+        return p.entry.cls(p.params.model_copy(deep=True), **kwargs)
+    return p.entry.cls(**p.params, **kwargs)
+
+
+def new_call_worker(deployment: DeploymentPlan, call: CallInfo, output: FrameProcessor, engine_url: str | None) -> PipelineWorker:
+    """The call's pipeline: configured processors, then the transport's output."""
+    processors = [new_processor(p, engine_url) for p in deployment.processors]
+    params = PipelineParams(
+        audio_in_sample_rate=call.sample_rate,
+        audio_out_sample_rate=call.sample_rate,
+        start_metadata={"call": call.as_metadata()},
+    )
+    return PipelineWorker(
+        Pipeline([*processors, output]),
+        params=params,
+        enable_rtvi=False,
+        enable_turn_tracking=False,
+        idle_timeout_secs=None,
+        conversation_id=call.call_id,
+    )

@@ -1,0 +1,163 @@
+"""`python -m pipelines COMMAND`: serve calls, check a config, list parts, run the reference engine,
+be the caller, and measure.
+
+Configuration errors print one line (file:line: key: problem) and exit with status 2.
+"""
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from loguru import logger
+
+EXIT_CONFIG = 2
+ANSWER_SECONDS = 4.0  # default time left after the caller's audio for the bot to answer
+
+
+def _load_plan(name: str):
+    from pipelines import builder, config
+
+    return builder.plan(config.load(name))
+
+
+def cmd_validate(args) -> int:
+    deployment = _load_plan(args.config)
+    cfg = deployment.loaded.config
+    names = " -> ".join(p.entry.name for p in deployment.processors)
+    print(f"{deployment.loaded.path}: ok: {cfg.transport.type} on {cfg.server.host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '')}; processors: {names or '(none)'}; engine: {cfg.engine.url or 'embedded reference engine'}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from pipelines.registry import processors, transports
+
+    for entry in processors().values():
+        print(f"processor  {entry.name:<12} {entry.cls.__module__}.{entry.cls.__name__}: {entry.summary}")
+    for entry in transports().values():
+        print(f"transport  {entry.name:<12} {entry.protocol.__module__}.{entry.protocol.__name__}: {entry.summary}")
+    return 0
+
+
+async def _serve(args) -> int:
+    from pipelines.engine import ReferenceEngine
+    from pipelines.server import CallServer
+
+    deployment = _load_plan(args.config)
+    cfg = deployment.loaded.config
+    engine = None
+    engine_url = cfg.engine.url
+    if not engine_url:
+        engine = ReferenceEngine(cfg.engine.reference)
+        await engine.start("127.0.0.1", 0)
+        engine_url = engine.url
+        logger.warning(
+            f"No PersonaPlex URL configured (engine.url / PERSONAPLEX_URL): calls are answered by the "
+            f"REFERENCE ENGINE in {cfg.engine.reference.mode!r} mode at {engine_url}, not by a model."
+        )
+    server = CallServer(deployment, engine_url, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
+    await server.start()
+    print(f"serving {cfg.transport.type} calls on ws://{server.host}:{server.port}{server.path} (stats: http://{server.host}:{server.port}/stats)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await server.stop()
+    if engine:
+        await engine.stop()
+    return 0
+
+
+def cmd_run(args) -> int:
+    return asyncio.run(_serve(args))
+
+
+def cmd_engine(args) -> int:
+    from pipelines.engine.reference import main
+
+    return main(args.engine_args)
+
+
+def cmd_call(args) -> int:
+    from pipelines.caller import place_call, read_wav, write_wav
+
+    deployment = _load_plan(args.config)
+    cfg = deployment.loaded.config
+    rate = args.sample_rate
+    url = args.url
+    if not url:
+        host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
+        url = f"ws://{host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '/')}"
+    audio = read_wav(args.audio, rate)
+    params = dict(p.split("=", 1) for p in args.param)
+    seconds = args.seconds if args.seconds is not None else len(audio) / rate + ANSWER_SECONDS
+    result = asyncio.run(place_call(url, audio, rate, seconds=seconds, custom_parameters=params,
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True)))
+    write_wav(args.out, result.heard, result.sample_rate)
+    print(f"wrote {args.out}: {len(result.heard) / rate:.1f} s heard, {len(result.messages)} messages from the bot, "
+          f"{len(result.violations)} protocol violations, {result.clears} clears, marks echoed: {len(result.marks_echoed)}")
+    for v in result.violations[:10]:
+        print(f"  violation: {v}")
+    return 1 if result.violations else 0
+
+
+def cmd_bench(args) -> int:
+    from pipelines.bench import main
+
+    return main(args.bench_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m pipelines", description="Phone calls as pipecat pipelines assembled from YAML.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="serve calls for a deployment", description="Serve provider calls; each call gets its own pipeline.")
+    p.add_argument("config", help="YAML path, or a file name in configs/")
+    p.add_argument("--host", help="override server.host")
+    p.add_argument("--port", type=int, help="override server.port")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a deployment file", description="Load and validate a deployment; exit 2 on errors.")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("list", help="registered processors and transports", description="One line per registered processor and transport.")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("engine", help="reference PersonaPlex-protocol engine (no GPU)", add_help=False,
+                       description="Run the reference engine; `python -m pipelines engine --help` for its options.")
+    p.add_argument("engine_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("call", help="be the caller: dial a running server as the provider does",
+                       description="Place a simulated call and write what the caller heard.")
+    p.add_argument("config", help="the deployment whose server to dial")
+    p.add_argument("--audio", required=True, help="WAV the caller says")
+    p.add_argument("--out", required=True, help="WAV of what the caller heard")
+    p.add_argument("--url", help="ws:// URL to dial (default: from the config)")
+    p.add_argument("--seconds", type=float, help="call length (default: the audio's length plus the answer)")
+    p.add_argument("--sample-rate", type=int, default=8000, choices=(8000, 16000, 24000))
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
+    p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)", add_help=False,
+                       description="Run a benchmark; `python -m pipelines bench --help` for the list.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.config import ConfigError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+

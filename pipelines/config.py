@@ -1,0 +1,171 @@
+"""Deployment YAML: environment substitution, schema validation, and errors that name file, line and key.
+
+PyYAML's composed node tree keeps the line of every key and value, so a pydantic error location
+(a path of keys and indexes) can be traced back to the line a user has to edit.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.engine.reference import EngineOptions
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A deployment file that cannot run; the message is one line: file:line: key: problem."""
+
+    def __init__(self, file: str, line: int | None, key: str, problem: str):
+        self.file, self.line, self.key, self.problem = file, line, key, problem
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {key or '<top>'}: {problem}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(5050, ge=0, le=65535)
+
+
+class TransportConfig(_Strict):
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProcessorConfig(_Strict):
+    type: str
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineConfig(_Strict):
+    """Where PersonaPlex is; without a URL calls are answered by the embedded reference engine."""
+
+    url: str | None = None
+    reference: EngineOptions = Field(default_factory=EngineOptions)
+
+
+class DeploymentConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    transport: TransportConfig
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    processors: list[ProcessorConfig] = Field(default_factory=list)
+
+
+class LoadedConfig:
+    """A validated deployment plus what is needed to report later errors against its source lines."""
+
+    def __init__(self, path: Path, config: DeploymentConfig, lines: dict[tuple, int]):
+        self.path, self.config, self.lines = path, config, lines
+
+    def error(self, loc: tuple, problem: str) -> ConfigError:
+        return ConfigError(str(self.path), line_of(self.lines, loc), format_loc(loc), problem)
+
+    def validate_model(self, model: type[BaseModel], data: Any, loc: tuple) -> BaseModel:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise self.from_validation(exc, loc) from None
+
+    def from_validation(self, exc: ValidationError, prefix: tuple = ()) -> ConfigError:
+        first = exc.errors()[0]
+        loc = prefix + tuple(first["loc"])
+        problem = first["msg"]
+        if first["type"] == "extra_forbidden":
+            problem = "unknown key"
+        elif first["type"] == "missing":
+            problem = "required key is missing"
+        elif "input" in first and not isinstance(first["input"], (dict, list)):
+            problem += f" (got {first['input']!r})"
+        return self.error(loc, problem)
+
+
+def resolve_path(name: str | os.PathLike) -> Path:
+    """A path as given, or a bare file name looked up in configs/."""
+    path = Path(name)
+    if path.exists():
+        return path
+    candidate = CONFIG_DIR / path.name
+    if path.parent == Path(".") and candidate.exists():
+        return candidate
+    raise ConfigError(str(name), None, "", "no such file (looked in the current directory and configs/)")
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the deepest part of `loc` that exists in the file."""
+    for end in range(len(loc), -1, -1):
+        if tuple(loc[:end]) in lines:
+            return lines[tuple(loc[:end])]
+    return None
+
+
+def load(name: str | os.PathLike, environ: dict[str, str] | None = None) -> LoadedConfig:
+    path = resolve_path(name)
+    env = os.environ if environ is None else environ
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(str(path), mark.line + 1 if mark else None, "", f"invalid YAML: {exc.problem if hasattr(exc, 'problem') else exc}") from None
+    lines: dict[tuple, int] = {}
+    data = _construct(root, (), lines, env, str(path)) if root is not None else {}
+    loaded = LoadedConfig(path, None, lines)  # type: ignore[arg-type]
+    if not isinstance(data, dict):
+        raise loaded.error((), "the file must be a mapping with transport:, processors: and friends")
+    try:
+        loaded.config = DeploymentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise loaded.from_validation(exc) from None
+    return loaded
+
+
+def _construct(node: yaml.Node, loc: tuple, lines: dict, env, file: str) -> Any:
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = yaml.SafeLoader(" ").construct_object(key_node) if not isinstance(key_node, yaml.ScalarNode) else key_node.value
+            lines[loc + (key,)] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, loc + (key,), lines, env, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, loc + (i,), lines, env, file) for i, item in enumerate(node.value)]
+    return _scalar(node, loc, env, file)
+
+
+def _scalar(node: yaml.ScalarNode, loc: tuple, env, file: str) -> Any:
+    text = node.value
+    if node.tag == "tag:yaml.org,2002:str" and "${" in text:
+        whole = _VAR.fullmatch(text) is not None
+
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(file, node.start_mark.line + 1, format_loc(loc), f"environment variable {name} is not set (write ${{{name}:-default}} to make it optional)")
+
+        text = _VAR.sub(substitute, text)
+        if whole and not node.style:  # unquoted ${X} takes the type its value spells, like a literal would
+            return yaml.safe_load(text) if text.strip() else None
+        return text
+    loader = yaml.SafeLoader("")
+    return loader.construct_object(node, deep=True)
