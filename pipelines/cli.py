@@ -150,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.config import ConfigError
+    from pipelines.errors import ConfigError
 
     args = parser().parse_args(argv)
     try:

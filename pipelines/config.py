@@ -13,19 +13,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.engine.reference import EngineOptions
+from pipelines.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class ConfigError(Exception):
-    """A deployment file that cannot run; the message is one line: file:line: key: problem."""
-
-    def __init__(self, file: str, line: int | None, key: str, problem: str):
-        self.file, self.line, self.key, self.problem = file, line, key, problem
-        where = f"{file}:{line}" if line else file
-        super().__init__(f"{where}: {key or '<top>'}: {problem}")
 
 
 class _Strict(BaseModel):

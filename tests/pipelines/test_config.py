@@ -1,0 +1,138 @@
+"""The deployment loader: env substitution, and errors that name file, line and key (exit 2)."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipelines import builder, config
+from pipelines.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+server:
+  port: ${PORT:-5050}
+transport:
+  type: exotel
+  params:
+    path: /exotel
+engine:
+  url: ${PERSONAPLEX_URL:-}
+processors:
+  - type: resample
+    params: {audio: input, rate: 24000}
+  - type: personaplex
+    params:
+      voice_prompt: ${VOICE:-NATF0.pt}
+  - type: resample
+    params: {audio: output, rate: call}
+"""
+
+
+def write(tmp_path, text, name="deploy.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load_plan(path, env=None):
+    return builder.plan(config.load(path, env or {}))
+
+
+def error_of(path, env=None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_plan(path, env)
+    return info.value
+
+
+def test_shipped_exotel_config_is_valid():
+    deployment = load_plan("exotel.yaml")
+    cfg = deployment.loaded.config
+    assert cfg.server.port == 5050 and deployment.transport_params.path == "/exotel"
+    assert cfg.engine.url is None
+    assert [p.entry.name for p in deployment.processors] == ["resample", "personaplex", "resample"]
+
+
+def test_env_substitution_with_defaults_and_types(tmp_path):
+    path = write(tmp_path, GOOD)
+    cfg = load_plan(path, {"PORT": "6060", "PERSONAPLEX_URL": "wss://gpu:8998", "VOICE": "VARM1.pt"})
+    assert cfg.loaded.config.server.port == 6060
+    assert cfg.loaded.config.engine.url == "wss://gpu:8998"
+    assert cfg.processors[1].params.voice_prompt == "VARM1.pt"
+    assert load_plan(path).loaded.config.server.port == 5050
+
+
+@pytest.mark.parametrize(
+    "mutate, line, key, words",
+    [
+        (lambda t: t.replace("    path: /exotel", "    path: /exotel\n    colour: blue"), 7, "transport.params.colour", "unknown key"),
+        (lambda t: t.replace("port: ${PORT:-5050}", "port: lots"), 2, "server.port", "integer"),
+        (lambda t: t.replace("type: personaplex", "type: telepathy"), 12, "processors[1].type", "unknown processor"),
+        (lambda t: t.replace("voice_prompt: ${VOICE:-NATF0.pt}", "voice_prompt: ${VOICE}"), 14, "processors[1].params.voice_prompt", "VOICE is not set"),
+        (lambda t: t.replace("{audio: input, rate: 24000}", "{audio: sideways, rate: 24000}"), 11, "processors[0].params.audio", "input"),
+        (lambda t: t.replace("type: exotel", "type: carrier-pigeon"), 4, "transport.type", "unknown transport"),
+        (lambda t: t.replace("server:\n", "sever:\n"), 1, "sever", "unknown key"),
+        (lambda t: t.replace("  - type: resample\n    params: {audio: input", "  - type: pipecat.processors.frame_processor.NoSuchThing\n    params: {audio: input"), 10, "processors[0].type", "cannot import"),
+    ],
+)
+def test_errors_name_file_line_and_key(tmp_path, mutate, line, key, words):
+    path = write(tmp_path, mutate(GOOD))
+    err = error_of(path)
+    assert (err.file, err.line, err.key) == (str(path), line, key), str(err)
+    assert words in err.problem
+    assert str(err).startswith(f"{path}:{line}: {key}: ")
+
+
+def test_dotted_pipecat_processor_with_checked_kwargs(tmp_path):
+    text = GOOD + "  - type: pipecat.processors.filters.identity_filter.IdentityFilter\n"
+    deployment = load_plan(write(tmp_path, text))
+    assert deployment.processors[-1].entry.cls.__name__ == "IdentityFilter"
+    bad = GOOD + "  - type: pipecat.processors.filters.identity_filter.IdentityFilter\n    params: {volume: 11}\n"
+    err = error_of(write(tmp_path, bad, "bad.yaml"))
+    assert err.line == 19 and "volume" in str(err)
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    assert "no such file" in str(error_of(tmp_path / "nope.yaml"))
+    err = error_of(write(tmp_path, "transport: [unclosed\n"))
+    assert err.line is not None and "invalid YAML" in err.problem
+
+
+def run_cli(*args, env_extra=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PERSONAPLEX_URL"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = run_cli("validate", "exotel.yaml")
+    assert ok.returncode == 0, ok.stderr
+    assert "embedded reference engine" in ok.stdout
+    bad = write(tmp_path, GOOD.replace("type: personaplex", "type: telepathy"))
+    for command in ("validate", "run"):
+        result = run_cli(command, str(bad))
+        assert result.returncode == 2
+        last = result.stderr.strip().splitlines()[-1]
+        assert last == f"error: {bad}:12: processors[1].type: " + last.split(": ", 3)[3]
+        assert "telepathy" in last
+
+
+def test_cli_help_on_every_command():
+    for command in ([], ["run"], ["validate"], ["list"], ["engine"], ["call"], ["bench"]):
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0, (command, result.stderr)
+        assert "usage" in result.stdout.lower()
+
+
+def test_cli_list_one_line_each():
+    result = run_cli("list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    names = {line.split()[1] for line in lines}
+    assert {"personaplex", "resample", "exotel"} <= names
+    assert all(line.split()[0] in ("processor", "transport") for line in lines)
