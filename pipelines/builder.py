@@ -63,12 +63,27 @@ def plan(loaded: LoadedConfig) -> DeploymentPlan:
     return DeploymentPlan(loaded, transport_params, plans)
 
 
+def _accepted_kwargs(cls) -> set[str]:
+    """Named parameters of every __init__ in the MRO: pipecat's BaseObject swallows unknown **kwargs."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and inspect.isfunction(init):
+            names |= {p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds}
+    return names - {"self"}
+
+
 def _check_kwargs(loaded: LoadedConfig, entry: ProcessorEntry, params: dict, loc: tuple):
+    """Unknown keys by signature, then one throwaway instance for wrong values."""
+    accepted = _accepted_kwargs(entry.cls)
+    for key in params:
+        if key not in accepted:
+            raise loaded.error(loc + (key,), f"unknown key for {entry.cls.__name__}; it takes {', '.join(sorted(accepted)) or 'nothing'}")
     try:
-        inspect.signature(entry.cls).bind_partial(**params)
-    except TypeError as exc:
-        key = next((k for k in params if k in str(exc)), None)
-        raise loaded.error(loc + ((key,) if key else ()), f"{entry.name}: {exc}") from None
+        entry.cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise loaded.error(loc, f"{entry.name}: {exc}") from None
 
 
 def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:

@@ -74,10 +74,10 @@ def cmd_run(args) -> int:
     return asyncio.run(_serve(args))
 
 
-def cmd_engine(args) -> int:
+def engine_main(argv: list[str]) -> int:
     from pipelines.engine.reference import main
 
-    return main(args.engine_args)
+    return main(argv)
 
 
 def cmd_call(args) -> int:
@@ -103,10 +103,13 @@ def cmd_call(args) -> int:
     return 1 if result.violations else 0
 
 
-def cmd_bench(args) -> int:
+def bench_main(argv: list[str]) -> int:
     from pipelines.bench import main
 
-    return main(args.bench_args)
+    return main(argv)
+
+
+DELEGATED = {"engine": engine_main, "bench": bench_main}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,8 +131,6 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engine", help="reference PersonaPlex-protocol engine (no GPU)", add_help=False,
                        description="Run the reference engine; `python -m pipelines engine --help` for its options.")
-    p.add_argument("engine_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("call", help="be the caller: dial a running server as the provider does",
                        description="Place a simulated call and write what the caller heard.")
@@ -144,16 +145,17 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)", add_help=False,
                        description="Run a benchmark; `python -m pipelines bench --help` for the list.")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.errors import ConfigError
 
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in DELEGATED:  # they own their options, --help included
+            return DELEGATED[argv[0]](argv[1:])
+        args = parser().parse_args(argv)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

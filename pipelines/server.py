@@ -43,7 +43,7 @@ class CallServer:
         self.path = getattr(deployment.transport_params, "path", "/")
         self.calls: dict[str, CallRecord] = {}
         self.connections = 0
-        self.totals = {"calls": 0, "dropped_messages": 0, "connections_without_start": 0}
+        self.totals = {"calls_total": 0, "dropped_messages": 0, "connections_without_start": 0}
         self._server = None
 
     async def start(self):
@@ -80,9 +80,9 @@ class CallServer:
 
     async def _handle(self, ws: ServerConnection):
         self.connections += 1
+        query = dict(parse_qsl(urlsplit(ws.request.path).query))
+        protocol = self.deployment.new_protocol(query)
         try:
-            query = dict(parse_qsl(urlsplit(ws.request.path).query))
-            protocol = self.deployment.new_protocol(query)
             started = await self._await_start(ws, protocol)
             if started is None:
                 self.totals["connections_without_start"] += 1
@@ -90,6 +90,7 @@ class CallServer:
             await self._run_call(ws, protocol, started)
         finally:
             self.connections -= 1
+            self.totals["dropped_messages"] += sum(protocol.dropped.values())
 
     async def _await_start(self, ws, protocol) -> CallStartedFrame | None:
         try:
@@ -107,7 +108,7 @@ class CallServer:
         call = started.call
         record = CallRecord(call.call_id or call.stream_id, call.provider, dropped=protocol.dropped)
         self.calls[id(record)] = record  # keyed by object: providers may reuse or omit call ids
-        self.totals["calls"] += 1
+        self.totals["calls_total"] += 1
         logger.info(f"call {record.call_id}: {call.provider} at {call.sample_rate} Hz, params {call.custom_parameters}")
         output = CallOutput(protocol, ws, record.call_id)
         worker = new_call_worker(self.deployment, call, output, self.engine_url)
@@ -121,7 +122,6 @@ class CallServer:
             await asyncio.gather(reader, return_exceptions=True)
             await ws.close()
             del self.calls[id(record)]
-            self.totals["dropped_messages"] += sum(protocol.dropped.values())
             logger.info(f"call {record.call_id}: ended after {time.monotonic() - record.started:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent")
 
     async def _read(self, ws, protocol, worker):

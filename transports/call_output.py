@@ -36,7 +36,7 @@ class CallOutput(FrameProcessor):
             await self._audio(frame)
             return
         if isinstance(frame, MarkFrame):
-            await self._send(self._protocol.mark(frame.name))
+            await self._send(self._protocol.mark(frame.mark))
             return
         if isinstance(frame, InterruptionFrame):
             await self._send(self._protocol.clear())

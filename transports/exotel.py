@@ -278,7 +278,7 @@ class ExotelProtocol:
         name = _pick(data.get("mark"), "name")
         if name is None:
             raise _Drop("missing_mark_name")
-        return [MarkPlayedFrame(name=str(name))]
+        return [MarkPlayedFrame(mark=str(name))]
 
     def _on_stop(self, data: dict) -> list[Frame]:
         # Accepted before `start` too: the call is over either way and the pipeline must end.

@@ -54,13 +54,16 @@ class CallStoppedFrame(SystemFrame):
 
 @dataclass
 class MarkFrame(DataFrame):
-    """Ask the provider to report when the audio queued before this frame has played."""
+    """Ask the provider to report when the audio queued before this frame has played.
 
-    name: str = ""
+    The field is `mark`, not `name`: pipecat's Frame.name is the frame's own label.
+    """
+
+    mark: str = ""
 
 
 @dataclass
 class MarkPlayedFrame(SystemFrame):
-    """The provider reports that the audio before mark `name` finished playing."""
+    """The provider reports that the audio before `mark` finished playing."""
 
-    name: str = ""
+    mark: str = ""

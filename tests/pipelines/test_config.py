@@ -92,7 +92,7 @@ def test_dotted_pipecat_processor_with_checked_kwargs(tmp_path):
     assert deployment.processors[-1].entry.cls.__name__ == "IdentityFilter"
     bad = GOOD + "  - type: pipecat.processors.filters.identity_filter.IdentityFilter\n    params: {volume: 11}\n"
     err = error_of(write(tmp_path, bad, "bad.yaml"))
-    assert err.line == 19 and "volume" in str(err)
+    assert err.line == 18 and "volume" in str(err) and "unknown key" in str(err)
 
 
 def test_missing_file_and_invalid_yaml(tmp_path):

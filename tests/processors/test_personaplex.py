@@ -18,7 +18,7 @@ FRAME = RATE // 50  # 20 ms
 @pytest.fixture
 async def engine(request):
     options = getattr(request, "param", {})
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.2, echo_delay=0.5, **options))
+    engine = ReferenceEngine(EngineOptions(**{"handshake_delay": 0.2, "echo_delay": 0.5, **options}))
     await engine.start("127.0.0.1", 0)
     yield engine
     await engine.stop()

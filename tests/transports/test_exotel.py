@@ -188,7 +188,7 @@ def test_mark_echo(camel):
     proto = started()
     key = "streamSid" if camel else "stream_sid"
     [frame] = proto.receive(json.dumps({"event": "mark", key: SID, "mark": {"name": "turn-3-end"}}))
-    assert isinstance(frame, MarkPlayedFrame) and frame.name == "turn-3-end"
+    assert isinstance(frame, MarkPlayedFrame) and frame.mark == "turn-3-end"
 
 
 @pytest.mark.parametrize("reason", ["callended", "stopped"])

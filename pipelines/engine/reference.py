@@ -1,0 +1,504 @@
+"""Reference engine: a GPU-free stand-in that speaks the PersonaPlex server's WebSocket protocol.
+
+It reproduces the behaviour clients trip over (docs/personaplex-protocol.md sections 3-6 and 10): upgrade
+before validation (bad parameters => 1006), one global session slot with silent queueing, a prompt phase
+that eats client messages, the exact handshake and header pages, a strict uplink Ogg reader whose
+violations close with 1000, and input-clocked 80 ms output. What it says is scripted instead of generated:
+an echo of the caller, a tone, or a WAV clip with its words as text pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import ipaddress
+import ssl
+import tempfile
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Mapping, Protocol
+
+import numpy as np
+import soundfile
+import soxr
+from aiohttp import WSMsgType, web
+from loguru import logger
+from pydantic import BaseModel, Field, ValidationError
+
+from pipelines.engine.ogg import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    DownlinkWriter,
+    OggStreamError,
+    OpusPacketError,
+    UplinkDecoder,
+)
+
+HANDSHAKE = b"\x00"
+KIND_AUDIO = 0x01
+KIND_TEXT = 0x02
+# One prompt-phase model step; the real server spends ~10-40 ms per step between is_alive() polls.
+PROMPT_STEP_S = 0.02
+IS_ALIVE_TIMEOUT_S = 0.01
+SILENCE_RMS = 0.01  # about -40 dBFS
+DEFAULT_VOICES = [
+    *(f"NATF{i}.pt" for i in range(4)),
+    *(f"NATM{i}.pt" for i in range(4)),
+    *(f"VARF{i}.pt" for i in range(5)),
+    *(f"VARM{i}.pt" for i in range(5)),
+]
+_GONE = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+
+
+class EngineOptions(BaseModel, extra="forbid"):
+    mode: Literal["echo", "tone", "script"] = "echo"
+    handshake_delay: float = Field(0.5, ge=0)
+    step_delay: float = Field(0.0, ge=0)
+    echo_delay: float = Field(1.0, ge=0)
+    tone_hz: float = Field(440.0, gt=0)
+    script_wav: str | None = None
+    script_text: str = "Hello, this is the reference engine."
+    script_at: float = Field(0.5, ge=0)
+    sessions: int = Field(1, ge=1)
+    voices: list[str] = Field(default_factory=lambda: list(DEFAULT_VOICES))
+    fail_after_frames: int | None = Field(None, ge=0)
+
+
+@dataclass
+class EngineStats:
+    """Counters that tests and benchmarks read to see what the engine did with a client's bytes."""
+
+    connections: int = 0
+    rejected: int = 0
+    sessions_started: int = 0
+    sessions_active: int = 0
+    handshakes: int = 0
+    messages_eaten_before_handshake: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    text_pieces_out: int = 0
+    uplink_violations: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Agent(Protocol):
+    def step(self, frame: np.ndarray) -> tuple[np.ndarray, str | None]: ...
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
+
+
+def text_pieces(text: str) -> list[str]:
+    """Split text the way SentencePiece pieces arrive: ' word' starts, bare continuations, punctuation."""
+    pieces: list[str] = []
+    for word in text.split():
+        core = word.rstrip(".,!?;:")
+        tail = word[len(core) :]
+        if core:
+            pieces.append(" " + core[:5])
+            pieces.extend(core[i : i + 4] for i in range(5, len(core), 4))
+        if tail:
+            pieces.append(tail if core else " " + tail)
+    return pieces
+
+
+class EchoAgent:
+    """Returns the caller's audio after a fixed delay and 'says' pieces while that audio is voiced."""
+
+    PIECES = (" echo", "ing")
+
+    def __init__(self, delay_s: float) -> None:
+        self._line = np.zeros(round(delay_s * SAMPLE_RATE), dtype=np.float32)
+        self._voiced_steps = 0
+
+    def step(self, frame: np.ndarray) -> tuple[np.ndarray, str | None]:
+        self._line = np.concatenate([self._line, frame])
+        out, self._line = self._line[:FRAME_SAMPLES], self._line[FRAME_SAMPLES:]
+        if _rms(out) <= SILENCE_RMS:
+            return out, None
+        n, self._voiced_steps = self._voiced_steps, self._voiced_steps + 1
+        return out, self.PIECES[(n // 2) % 2] if n % 2 == 0 else None
+
+
+class ToneAgent:
+    """A continuous sine: audio that is unmistakably the engine's, with no text."""
+
+    def __init__(self, hz: float, amplitude: float = 0.3) -> None:
+        self._hz = hz
+        self._amplitude = amplitude
+        self._n = 0
+
+    def step(self, frame: np.ndarray) -> tuple[np.ndarray, str | None]:
+        t = (self._n + np.arange(FRAME_SAMPLES)) / SAMPLE_RATE
+        self._n += FRAME_SAMPLES
+        return (self._amplitude * np.sin(2 * np.pi * self._hz * t)).astype(np.float32), None
+
+
+class ScriptAgent:
+    """Plays a clip at a fixed point of the session timeline and spreads its words over the clip.
+
+    The timeline counts model steps (80 ms each), not wall time, because the real model only advances
+    when input arrives.
+    """
+
+    def __init__(self, clip: np.ndarray, text: str, start_s: float) -> None:
+        start = round(start_s * SAMPLE_RATE)
+        self._audio = np.concatenate([np.zeros(start, dtype=np.float32), clip.astype(np.float32)])
+        first_step = start // FRAME_SAMPLES
+        clip_steps = max(1, -(-len(clip) // FRAME_SAMPLES))
+        pieces = text_pieces(text)
+        self._schedule: dict[int, list[str]] = {}
+        for i, piece in enumerate(pieces):
+            step = first_step + i * clip_steps // len(pieces)
+            self._schedule.setdefault(step, []).append(piece)
+        self._pending: deque[str] = deque()
+        self._step = 0
+
+    def step(self, frame: np.ndarray) -> tuple[np.ndarray, str | None]:
+        pos = self._step * FRAME_SAMPLES
+        out = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+        chunk = self._audio[pos : pos + FRAME_SAMPLES]
+        out[: len(chunk)] = chunk
+        self._pending.extend(self._schedule.pop(self._step, []))
+        self._step += 1
+        return out, self._pending.popleft() if self._pending else None
+
+
+def default_script_wav() -> str:
+    """A real speech clip that ships with pipecat, so script mode works without any file."""
+    from importlib.resources import files
+
+    return str(files("pipecat") / "services/aws/nova_sonic/ready.wav")
+
+
+def load_clip(path: str) -> np.ndarray:
+    """Any WAV soundfile reads, as mono float32 at 24 kHz."""
+    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    mono = data.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+class UplinkViolation(Exception):
+    """The client's Ogg stream would have killed the real server's decoder thread."""
+
+
+class ReferenceEngine:
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.stats = EngineStats()
+        self.port: int | None = None
+        self.url: str | None = None
+        self._clip: np.ndarray | None = None
+        if self.options.mode == "script":
+            self._clip = load_clip(self.options.script_wav or default_script_wav())
+        self._slots: asyncio.Semaphore | None = None
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve ``/api/chat``; port 0 picks a free port. Returns (and sets) ``url``."""
+        self._slots = asyncio.Semaphore(self.options.sessions)
+        app = web.Application()
+        app.router.add_get("/api/chat", self._chat)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        scheme = "wss" if ssl_context else "ws"
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"{scheme}://{shown}:{self.port}"
+        logger.info(f"reference engine ({self.options.mode}) listening on {self.url}/api/chat")
+        return self.url
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close(code=1001, message=b"engine stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> ReferenceEngine:
+        if self.url is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- one connection ------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=None, autoping=True)
+        await ws.prepare(request)  # the real server upgrades before it reads a single parameter
+        self.stats.connections += 1
+        problem = self._check_params(request.query)
+        if problem:
+            self.stats.rejected += 1
+            logger.warning(f"{request.remote}: {problem}; aborting after upgrade (client sees 1006)")
+            _abort(request)
+            return ws
+        self._sockets.add(ws)
+        try:
+            assert self._slots is not None
+            async with self._slots:  # the real lock does not notice a queued client leaving
+                self.stats.sessions_started += 1
+                self.stats.sessions_active += 1
+                try:
+                    await self._session(request, ws)
+                finally:
+                    self.stats.sessions_active -= 1
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    def _check_params(self, query: Mapping[str, str]) -> str | None:
+        if "voice_prompt" not in query:
+            return "missing voice_prompt (KeyError in the real server)"
+        if query["voice_prompt"] not in self.options.voices:
+            return f"unknown voice {query['voice_prompt']!r} (FileNotFoundError in the real server)"
+        if "text_prompt" not in query:
+            return "missing text_prompt (KeyError in the real server)"
+        if query["text_prompt"] == "":
+            return "empty text_prompt (TypeError in the real server's prompt phase)"
+        if "seed" in query:
+            return "seed present (the real server reads request['seed'] and raises KeyError)"
+        return None
+
+    async def _session(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        peer = request.remote
+        if not await self._prompt_phase(ws):
+            logger.info(f"{peer}: left during the prompt phase")
+            return
+        await ws.send_bytes(HANDSHAKE)
+        self.stats.handshakes += 1
+        writer = DownlinkWriter()
+        for page in writer.header_pages():
+            await ws.send_bytes(bytes([KIND_AUDIO]) + page)
+        frames: asyncio.Queue[np.ndarray] = asyncio.Queue()  # unbounded, like the server's reader
+        tasks = {
+            asyncio.create_task(self._receive(ws, frames), name="engine-recv"),
+            asyncio.create_task(self._run_steps(request, ws, frames, writer), name="engine-steps"),
+        }
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, UplinkViolation):
+                logger.warning(f"{peer}: uplink violation, closing with 1000: {exc}")
+            elif exc is not None and not ws.closed:
+                logger.opt(exception=exc).error(f"{peer}: session failed, closing with 1000")
+        if not ws.closed:
+            await ws.close()  # 1000 and no message, also on server-side errors
+        logger.info(f"{peer}: session over ({writer.concealed_frames} frames concealed)")
+
+    async def _prompt_phase(self, ws: web.WebSocketResponse) -> bool:
+        """System-prompt steps: each polls the socket once and discards what it got, as the real one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.handshake_delay
+        while await self._is_alive(ws):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return True
+            await asyncio.sleep(min(PROMPT_STEP_S, remaining))
+        return False
+
+    async def _is_alive(self, ws: web.WebSocketResponse) -> bool:
+        if ws.closed:
+            return False
+        try:
+            msg = await ws.receive(timeout=IS_ALIVE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return True
+        if msg.type in _GONE:
+            return False
+        self.stats.messages_eaten_before_handshake += 1
+        logger.debug(f"prompt phase discarded a {msg.type.name} message")
+        return True
+
+    async def _receive(self, ws: web.WebSocketResponse, frames: asyncio.Queue[np.ndarray]) -> None:
+        decoder = UplinkDecoder()
+        pcm = np.zeros(0, dtype=np.float32)
+        async for msg in ws:
+            if msg.type == WSMsgType.ERROR:
+                return
+            if msg.type != WSMsgType.BINARY:
+                logger.warning(f"ignoring {msg.type.name} message from client")
+                continue
+            data: bytes = msg.data
+            if not data or data[0] != KIND_AUDIO:
+                logger.warning(f"ignoring message of unknown kind {data[:1].hex() or 'empty'}")
+                continue
+            try:
+                decoded = decoder.decode(data[1:])
+            except (OggStreamError, OpusPacketError, ValueError) as exc:
+                self.stats.uplink_violations += 1
+                raise UplinkViolation(str(exc)) from exc
+            pcm = np.concatenate([pcm, decoded])
+            while len(pcm) >= FRAME_SAMPLES:
+                frames.put_nowait(pcm[:FRAME_SAMPLES])
+                pcm = pcm[FRAME_SAMPLES:]
+
+    async def _run_steps(
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        frames: asyncio.Queue[np.ndarray],
+        writer: DownlinkWriter,
+    ) -> None:
+        agent = self._new_agent()
+        limit = self.options.fail_after_frames
+        sent = 0
+        while limit is None or sent < limit:
+            frame = await frames.get()
+            self.stats.frames_in += 1
+            if self.options.step_delay:
+                await asyncio.sleep(self.options.step_delay)
+            audio, text = agent.step(frame)
+            if text:
+                await ws.send_bytes(bytes([KIND_TEXT]) + text.encode())
+                self.stats.text_pieces_out += 1
+            await ws.send_bytes(bytes([KIND_AUDIO]) + writer.encode(audio))
+            self.stats.frames_out += 1
+            sent += 1
+        logger.warning(f"{request.remote}: fail_after_frames={limit} reached, dropping the connection")
+        _abort(request)
+
+    def _new_agent(self) -> _Agent:
+        if self.options.mode == "echo":
+            return EchoAgent(self.options.echo_delay)
+        if self.options.mode == "tone":
+            return ToneAgent(self.options.tone_hz)
+        assert self._clip is not None
+        return ScriptAgent(self._clip, self.options.script_text, self.options.script_at)
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the TCP connection without a close frame, which is what the client of a crash sees."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def self_signed_ssl_context() -> ssl.SSLContext:
+    """A server context for localhost/127.0.0.1/::1, like the mkcert cert the real ``--ssl`` makes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="engine-tls-") as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = EngineOptions()
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines engine",
+        description="Reference PersonaPlex-protocol engine (no GPU): serves /api/chat with scripted audio.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8998, help="port, 0 = any free (default: %(default)s)")
+    p.add_argument("--mode", choices=["echo", "tone", "script"], default=defaults.mode)
+    p.add_argument(
+        "--handshake-delay",
+        type=float,
+        default=defaults.handshake_delay,
+        help="seconds of prompt phase before the 0x00 handshake (real server: 2-9 s)",
+    )
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=defaults.step_delay,
+        help="simulated GPU seconds per 80 ms step; above 0.08 latency grows",
+    )
+    p.add_argument("--echo-delay", type=float, default=defaults.echo_delay)
+    p.add_argument("--tone-hz", type=float, default=defaults.tone_hz)
+    p.add_argument("--script-wav", default=None, help="clip for --mode script (default: pipecat's ready.wav)")
+    p.add_argument("--script-text", default=defaults.script_text)
+    p.add_argument("--script-at", type=float, default=defaults.script_at)
+    p.add_argument("--sessions", type=int, default=defaults.sessions, help="concurrent sessions (real: 1)")
+    p.add_argument("--no-tls", action="store_true", help="serve ws:// instead of wss:// (real: --ssl)")
+    return p
+
+
+async def _serve(options: EngineOptions, host: str, port: int, tls: bool) -> None:
+    engine = ReferenceEngine(options)
+    url = await engine.start(host, port, self_signed_ssl_context() if tls else None)
+    print(f"{url}/api/chat?voice_prompt=NATF0.pt&text_prompt=...", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        options = EngineOptions(
+            mode=args.mode,
+            handshake_delay=args.handshake_delay,
+            step_delay=args.step_delay,
+            echo_delay=args.echo_delay,
+            tone_hz=args.tone_hz,
+            script_wav=args.script_wav,
+            script_text=args.script_text,
+            script_at=args.script_at,
+            sessions=args.sessions,
+        )
+    except ValidationError as exc:
+        print(f"invalid engine options: {exc}")
+        return 2
+    try:
+        asyncio.run(_serve(options, args.host, args.port, tls=not args.no_tls))
+    except KeyboardInterrupt:
+        pass
+    return 0

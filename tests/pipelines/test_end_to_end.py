@@ -1,0 +1,157 @@
+"""`python -m pipelines run exotel.yaml` answered by the embedded reference engine, dialled by the
+simulated Exotel caller over loopback with a real speech recording."""
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+
+from pipelines.caller import place_call
+from tests.speech import speech
+
+ROOT = Path(__file__).resolve().parents[2]
+RATE = 8000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PERSONAPLEX_URL"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "run", "exotel.yaml", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("serving "):
+            break
+    else:
+        proc.kill()
+        pytest.fail("server did not start:\n" + "".join(lines))
+    if proc.poll() is not None:
+        pytest.fail("server exited:\n" + "".join(lines))
+    yield {"port": port, "url": f"ws://127.0.0.1:{port}/exotel", "proc": proc, "startup": "".join(lines)}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def stats(port) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def settled(port, timeout=5.0) -> dict:
+    """Stats once the server has no call left (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = await asyncio.to_thread(stats, port)
+        if (s["calls_active"] == 0 and s["connections"] == 0) or time.monotonic() > deadline:
+            return s
+        await asyncio.sleep(0.1)
+
+
+def echo_score(heard: np.ndarray, said: np.ndarray) -> tuple[float, int]:
+    """Best normalised cross-correlation of `said` anywhere in `heard`, and where."""
+    h, s = heard.astype(np.float64), said.astype(np.float64)
+    c = np.correlate(h, s, "valid")
+    energy = np.sqrt(np.convolve(h**2, np.ones(len(s)), "valid"))
+    scores = np.abs(c) / (energy * np.linalg.norm(s) + 1e-9)
+    return float(scores.max()), int(scores.argmax())
+
+
+def check_exotel_rules(messages):
+    media = [m for _, m in messages if m.get("event") == "media"]
+    for m in media:
+        size = len(base64.b64decode(m["media"]["payload"]))
+        assert size % 320 == 0 and 3200 <= size <= 100_000, size
+    return media
+
+
+async def test_caller_hears_its_own_speech_echoed(server):
+    assert "REFERENCE ENGINE" in server["startup"]
+    before = await asyncio.to_thread(stats, server["port"])
+    said = speech(RATE)
+    audio = np.concatenate([np.zeros(RATE // 2, np.int16), said])
+    result = await place_call(server["url"], audio, RATE, seconds=len(audio) / RATE + 3.0)
+    assert result.violations == []
+    media = check_exotel_rules(result.messages)
+    assert len(media) >= 10
+    score, at = echo_score(result.heard, said)
+    assert score > 0.5, score
+    assert 0.5 + 0.8 < at / RATE < 0.5 + 2.5  # the echo comes back about a second after it was said
+    after = await settled(server["port"])
+    assert after["calls_active"] == 0 and after["connections"] == 0
+    assert after["tasks"] <= before["tasks"], (before, after)
+    assert after["calls"] == [] and after["calls_total"] == before["calls_total"] + 1
+
+
+async def test_two_concurrent_calls_each_hear_their_own_audio(server):
+    said = speech(RATE)
+    quiet = np.zeros(RATE // 2, np.int16)
+    first = np.concatenate([quiet, said, quiet, quiet])
+    second = np.concatenate([quiet, quiet, quiet, said])  # said a second later than the first caller
+    results = await asyncio.gather(*(place_call(server["url"], a, RATE, seconds=len(a) / RATE + 2.5) for a in (first, second)))
+    offsets = []
+    for result in results:
+        assert result.violations == []
+        score, at = echo_score(result.heard, said)
+        assert score > 0.5
+        offsets.append(at)
+    assert 0.6 < (offsets[1] - offsets[0]) / RATE < 1.4
+    after = await settled(server["port"])
+    assert after["calls_active"] == 0
+
+
+async def test_malformed_messages_are_dropped_and_the_call_goes_on(server):
+    port = server["port"]
+    before = (await asyncio.to_thread(stats, port))["dropped_messages"]
+    garbage = ["{not json", "[1, 2]", '"text"', json.dumps({"event": "media", "media": {"payload": "@@@"}}),
+               json.dumps({"event": "media", "media": {"payload": base64.b64encode(b"\x01\x02\x03").decode()}}),
+               json.dumps({"event": "teleport"}), b"\x00\x01binary", "x" * 1_100_000]
+    silence = base64.b64encode(bytes(1600)).decode()
+    async with websockets.connect(server["url"] + "?sample-rate=8000", max_size=None) as ws:
+        await ws.send(json.dumps({"event": "connected"}))
+        await ws.send(json.dumps({"event": "start", "stream_sid": "S1", "start": {"stream_sid": "S1", "call_sid": "C-malformed", "account_sid": "A", "custom_parameters": {}, "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000"}}}))
+        received = 0
+        for i in range(30):  # 3 s of media with garbage sprinkled in
+            await ws.send(json.dumps({"event": "media", "stream_sid": "S1", "media": {"chunk": str(i), "timestamp": str(i * 100), "payload": silence}}))
+            if i < len(garbage):
+                await ws.send(garbage[i])
+            await asyncio.sleep(0.1)
+            while True:
+                try:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 0.001))
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+                received += message.get("event") == "media"
+        await ws.send(json.dumps({"event": "stop", "stream_sid": "S1", "stop": {"call_sid": "C-malformed", "reason": "callended"}}))
+        async for _ in ws:  # the server flushes and hangs up
+            pass
+    assert received > 0  # the engine kept answering through the garbage
+    after = await settled(port)
+    assert after["dropped_messages"] - before == len(garbage)
+    assert after["calls_active"] == 0
