@@ -9,6 +9,7 @@ import asyncio
 import signal
 import sys
 
+import numpy as np
 from loguru import logger
 
 EXIT_CONFIG = 2
@@ -91,6 +92,7 @@ def cmd_call(args) -> int:
         host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
         url = f"ws://{host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '/')}"
     audio = read_wav(args.audio, rate)
+    audio = np.concatenate([np.zeros(int(args.delay * rate), np.int16), audio])
     params = dict(p.split("=", 1) for p in args.param)
     seconds = args.seconds if args.seconds is not None else len(audio) / rate + ANSWER_SECONDS
     result = asyncio.run(place_call(url, audio, rate, seconds=seconds, custom_parameters=params,
@@ -139,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="WAV of what the caller heard")
     p.add_argument("--url", help="ws:// URL to dial (default: from the config)")
     p.add_argument("--seconds", type=float, help="call length (default: the audio's length plus the answer)")
+    p.add_argument("--delay", type=float, default=1.5,
+                   help="silence before the caller speaks: the engine hears nothing before its handshake (default 1.5 s)")
     p.add_argument("--sample-rate", type=int, default=8000, choices=(8000, 16000, 24000))
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
     p.set_defaults(func=cmd_call)

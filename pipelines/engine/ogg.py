@@ -251,7 +251,7 @@ class OggStreamParser:
             return
         del self._buf[:n]
         self._hunted += n
-        if False:
+        if self._hunted > MAX_HUNT_BYTES:
             raise OggStreamError(f"no Ogg capture pattern in {self._hunted} bytes")
 
     def _push_page(self, page: OggPage) -> list[bytes]:

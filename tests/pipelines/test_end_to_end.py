@@ -95,14 +95,14 @@ async def test_caller_hears_its_own_speech_echoed(server):
     assert "REFERENCE ENGINE" in server["startup"]
     before = await asyncio.to_thread(stats, server["port"])
     said = speech(RATE)
-    audio = np.concatenate([np.zeros(RATE // 2, np.int16), said])
+    audio = np.concatenate([np.zeros(RATE, np.int16), said])  # the engine's prompt phase eats the first 0.5 s
     result = await place_call(server["url"], audio, RATE, seconds=len(audio) / RATE + 3.0)
     assert result.violations == []
     media = check_exotel_rules(result.messages)
     assert len(media) >= 10
     score, at = echo_score(result.heard, said)
     assert score > 0.5, score
-    assert 0.5 + 0.8 < at / RATE < 0.5 + 2.5  # the echo comes back about a second after it was said
+    assert 1.0 + 0.8 < at / RATE < 1.0 + 2.5  # the echo comes back about a second after it was said
     after = await settled(server["port"])
     assert after["calls_active"] == 0 and after["connections"] == 0
     assert after["tasks"] <= before["tasks"], (before, after)

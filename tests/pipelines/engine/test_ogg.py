@@ -273,6 +273,28 @@ def test_downlink_pages_hold_one_80ms_code3_packet_and_decode_to_the_input():
     assert lag < 480 and peak > 0.8
 
 
+def test_downlink_conceals_the_half_page_where_the_encoder_switches_mode():
+    # A tone ending in silence makes sphn's encoder switch from hybrid to SILK 40 ms mid-page.
+    t = np.arange(24000) / 24000
+    signal = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * t), np.zeros(10560)]).astype(np.float32)
+    writer = DownlinkWriter()
+    pages = writer.header_pages()
+    for i in range(0, len(signal), FRAME_SAMPLES):
+        pages.append(writer.encode(signal[i : i + FRAME_SAMPLES]))
+    assert writer.concealed_frames > 0
+    empty = 0
+    for raw in pages[2:]:
+        toc, frames = split_opus_packet(parse_page(raw)[0].body)
+        assert len(frames) * frame_duration_us(toc) == 80_000
+        empty += sum(1 for f in frames if not f)
+    assert empty == writer.concealed_frames
+    reader = sphn.OpusStreamReader(24000)
+    decoded = [reader.append_bytes(p) for p in pages][2:]
+    assert all(len(d) == FRAME_SAMPLES for d in decoded)
+    lag, peak = normalised_xcorr(signal, np.concatenate(decoded))
+    assert peak > 0.8
+
+
 def test_downlink_rejects_wrong_frame_size_and_missing_headers():
     writer = DownlinkWriter()
     with pytest.raises(RuntimeError):
