@@ -203,7 +203,6 @@ class OggStreamParser:
         self._open_packets: dict[int, bytearray | None] = {}  # serial -> spilled packet or None
         self._hunted = 0
         self._error: OggStreamError | None = None
-        self.pages = 0
 
     @property
     def serials(self) -> list[int]:
@@ -223,7 +222,6 @@ class OggStreamParser:
                 page, end = parsed
                 del self._buf[:end]
                 self._hunted = 0
-                self.pages += 1
                 packets.extend(self._push_page(page))
         except OggStreamError as exc:
             self._error = exc

@@ -255,6 +255,8 @@ class ReferenceEngine:
                 self.stats.sessions_active += 1
                 try:
                     await self._session(request, ws)
+                except ConnectionError as exc:
+                    logger.info(f"{request.remote}: connection lost: {exc!r}")
                 finally:
                     self.stats.sessions_active -= 1
         finally:
@@ -289,15 +291,16 @@ class ReferenceEngine:
             asyncio.create_task(self._receive(ws, frames), name="engine-recv"),
             asyncio.create_task(self._run_steps(request, ws, frames, writer), name="engine-steps"),
         }
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            exc = task.exception()
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # first task to finish ends the session, as in the real server
+            for task in tasks:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for exc in outcomes:
             if isinstance(exc, UplinkViolation):
                 logger.warning(f"{peer}: uplink violation, closing with 1000: {exc}")
-            elif exc is not None and not ws.closed:
+            elif isinstance(exc, Exception) and not ws.closed:
                 logger.opt(exception=exc).error(f"{peer}: session failed, closing with 1000")
         if not ws.closed:
             await ws.close()  # 1000 and no message, also on server-side errors

@@ -15,6 +15,7 @@ import pytest
 import soundfile
 import soxr
 import sphn
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -440,6 +441,13 @@ async def test_tls_with_a_client_that_skips_verification(make_engine):
     await caller.ws.close()
 
 
+def test_options_reject_unknown_fields_and_script_mode_has_a_default_clip():
+    with pytest.raises(ValidationError):
+        EngineOptions(handshake_dleay=1.0)
+    engine = ReferenceEngine(EngineOptions(mode="script"))
+    assert abs(len(engine._clip) - len(speech_24k())) <= 1
+
+
 def test_cli_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -477,3 +485,4 @@ async def test_cli_serves_wss_by_default_until_ctrl_c():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
