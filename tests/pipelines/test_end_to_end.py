@@ -91,18 +91,19 @@ def check_exotel_rules(messages):
     return media
 
 
-async def test_caller_hears_its_own_speech_echoed(server):
+@pytest.mark.parametrize("rate", [8000, 16000, 24000])
+async def test_caller_hears_its_own_speech_echoed(server, rate):
     assert "REFERENCE ENGINE" in server["startup"]
     before = await asyncio.to_thread(stats, server["port"])
-    said = speech(RATE)
-    audio = np.concatenate([np.zeros(RATE, np.int16), said])  # the engine's prompt phase eats the first 0.5 s
-    result = await place_call(server["url"], audio, RATE, seconds=len(audio) / RATE + 3.0)
-    assert result.violations == []
+    said = speech(rate)
+    audio = np.concatenate([np.zeros(rate, np.int16), said])  # the engine's prompt phase eats the first 0.5 s
+    result = await place_call(server["url"], audio, rate, seconds=len(audio) / rate + 3.0)
+    assert result.violations == [] and result.sample_rate == rate
     media = check_exotel_rules(result.messages)
     assert len(media) >= 10
     score, at = echo_score(result.heard, said)
     assert score > 0.5, score
-    assert 1.0 + 0.8 < at / RATE < 1.0 + 2.5  # the echo comes back about a second after it was said
+    assert 1.0 + 0.8 < at / rate < 1.0 + 2.5  # the echo comes back about a second after it was said
     after = await settled(server["port"])
     assert after["calls_active"] == 0 and after["connections"] == 0
     assert after["tasks"] <= before["tasks"], (before, after)

@@ -1,0 +1,130 @@
+"""The call server in-process: engine failures end the call cleanly and release everything."""
+
+import asyncio
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import websockets
+
+from pipelines import builder, config
+from pipelines.caller import place_call
+from pipelines.engine import EngineOptions, ReferenceEngine
+from pipelines.server import CallServer
+
+RATE = 8000
+
+DEPLOYMENT = """\
+transport: {type: exotel, params: {path: /exotel}}
+processors:
+  - type: resample
+    params: {audio: input, rate: 24000}
+  - type: personaplex
+    params: {handshake_timeout: 2, silence_timeout: 1}
+  - type: resample
+    params: {audio: output, rate: call}
+"""
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text(textwrap.dedent(DEPLOYMENT))
+    return builder.plan(config.load(path, {}))
+
+
+async def serve(deployment, engine_url):
+    server = CallServer(deployment, engine_url, "127.0.0.1", 0)
+    await server.start()
+    return server
+
+
+async def idle(server, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (server.calls or server.connections) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("failure", [{"fail_after_frames": 15}, {"handshake_delay": 60}, {"voices": ["OTHER.pt"]}, "unreachable"])
+async def test_engine_failure_hangs_up_cleanly_and_releases_the_call(deployment, failure):
+    engine = None
+    if failure == "unreachable":
+        url = "ws://127.0.0.1:9"
+    else:
+        engine = ReferenceEngine(EngineOptions(**{"handshake_delay": 0.2, **failure}))
+        url = await engine.start()
+    server = await serve(deployment, url)
+    baseline = len(asyncio.all_tasks())
+    try:
+        call_seconds = 10.0
+        result = await asyncio.wait_for(
+            place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(RATE, np.int16), RATE, seconds=call_seconds, linger=0.5),
+            timeout=call_seconds + 5,
+        )
+        assert result.close_code == 1000  # the bot hung up; the caller did not have to
+        assert result.sent_seconds < call_seconds - 2  # well before the caller would have hung up
+        assert result.violations == []
+        await idle(server)
+        assert server.calls == {} and server.connections == 0
+        assert len(asyncio.all_tasks()) <= baseline
+        if engine:
+            await asyncio.sleep(0.2)
+            assert engine.stats.sessions_active == 0
+    finally:
+        await server.stop()
+        if engine:
+            await engine.stop()
+
+
+async def test_closed_socket_without_stop_cancels_the_call(deployment):
+    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    url = await engine.start()
+    server = await serve(deployment, url)
+    baseline = len(asyncio.all_tasks())
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel?sample-rate=16000") as ws:
+            await ws.send(json.dumps({"event": "connected"}))
+            await ws.send(json.dumps({"event": "start", "stream_sid": "S", "start": {"stream_sid": "S", "call_sid": "C-vanish"}}))
+            for _ in range(10):
+                await ws.send(json.dumps({"event": "media", "stream_sid": "S", "media": {"payload": "AAAA" * 800}}))
+                await asyncio.sleep(0.05)
+            assert len(server.calls) == 1
+        await idle(server)
+        assert server.calls == {} and server.connections == 0
+        assert len(asyncio.all_tasks()) <= baseline
+        await asyncio.sleep(0.2)
+        assert engine.stats.sessions_active == 0
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
+async def test_connection_that_never_starts_is_dropped(deployment, monkeypatch):
+    monkeypatch.setattr("pipelines.server.START_TIMEOUT", 0.3)
+    server = await serve(deployment, "ws://127.0.0.1:9")
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel") as ws:
+            await ws.send(json.dumps({"event": "connected"}))
+            await ws.wait_closed()
+            assert ws.close_code == 1008
+        await idle(server)
+        assert server.totals["connections_without_start"] == 1
+    finally:
+        await server.stop()
+
+
+async def test_stats_and_unknown_paths_over_http(deployment):
+    server = await serve(deployment, "ws://127.0.0.1:9")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(f"ws://127.0.0.1:{server.port}/elsewhere"):
+                pass
+        assert info.value.response.status_code == 404
+    finally:
+        await server.stop()

@@ -1,0 +1,80 @@
+"""CallOutput alone with run_test, sending to a real WebSocket client over loopback."""
+
+import asyncio
+import base64
+import json
+
+import pytest
+import websockets
+from pipecat.frames.frames import EndFrame, InterruptionFrame, OutputAudioRawFrame, SpeechOutputAudioRawFrame, TTSStoppedFrame
+from pipecat.tests.utils import SleepFrame, run_test
+
+from transports.call_output import CallOutput
+from transports.exotel import ExotelParams, ExotelProtocol
+from transports.frames import MarkFrame
+from tests.speech import speech
+
+RATE = 8000
+
+
+@pytest.fixture
+async def link():
+    """A server-side connection for CallOutput and the provider's client end, over loopback."""
+    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def handler(ws):
+        accepted.set_result(ws)
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with websockets.connect(f"ws://127.0.0.1:{port}") as client:
+            yield await accepted, client
+
+
+def started_protocol() -> ExotelProtocol:
+    protocol = ExotelProtocol(ExotelParams())
+    protocol.receive(json.dumps({"event": "start", "stream_sid": "S", "start": {"stream_sid": "S", "call_sid": "C", "media_format": {"sample_rate": "8000"}}}))
+    return protocol
+
+
+async def received(client) -> list[dict]:
+    out = []
+    try:
+        async for message in client:
+            out.append(json.loads(message))
+    except websockets.ConnectionClosed:
+        pass
+    return out
+
+
+async def test_audio_marks_clear_and_hang_up(link):
+    server_ws, client = link
+    pcm = speech(RATE)
+    frames = [SpeechOutputAudioRawFrame(audio=pcm[i : i + 640].tobytes(), sample_rate=RATE, num_channels=1) for i in range(0, len(pcm) - 640, 640)]
+    half = len(frames) // 2
+    # InterruptionFrame is a system frame and overtakes queued audio, so let the first half drain first
+    sequence = frames[:half] + [MarkFrame(mark="reply-1"), SleepFrame(sleep=0.2), InterruptionFrame()] + frames[half:] + [TTSStoppedFrame()]
+    output = CallOutput(started_protocol(), server_ws, "C")
+    down, _ = await run_test(output, frames_to_send=sequence)
+    messages = await received(client)
+    events = [m["event"] for m in messages]
+    assert "mark" in events and "clear" in events
+    mark_at, clear_at = events.index("mark"), events.index("clear")
+    assert mark_at < clear_at and messages[mark_at]["mark"]["name"] == "reply-1"
+    assert all(e == "media" for e in events[:mark_at]) and all(e == "media" for e in events[clear_at + 1 :])
+    sizes = [len(base64.b64decode(m["media"]["payload"])) for m in messages if m["event"] == "media"]
+    assert sizes and all(s == 3200 for s in sizes)  # whole 200 ms chunks at 8 kHz, tails padded
+    assert sum(sizes) >= len(frames) * 1280 - 2 * 3200
+    assert client.close_code == 1000  # EndFrame hung up the call
+    assert not [f for f in down if isinstance(f, OutputAudioRawFrame)]  # consumed, not forwarded
+    assert any(isinstance(f, TTSStoppedFrame) for f in down) and any(isinstance(f, MarkFrame) for f in down) is False
+
+
+async def test_audio_at_the_wrong_rate_is_refused(link):
+    server_ws, client = link
+    wrong = OutputAudioRawFrame(audio=b"\x00\x01" * 2400, sample_rate=24000, num_channels=1)
+    output = CallOutput(started_protocol(), server_ws, "C")
+    await run_test(output, frames_to_send=[wrong] * 5)
+    assert await received(client) == []
+    assert output.messages_sent == 0
