@@ -17,6 +17,7 @@ from pipelines.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+_CONSTRUCTOR = yaml.SafeLoader("")  # types plain scalars exactly as yaml.safe_load would
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -133,7 +134,7 @@ def _construct(node: yaml.Node, loc: tuple, lines: dict, env, file: str) -> Any:
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
-            key = yaml.SafeLoader(" ").construct_object(key_node) if not isinstance(key_node, yaml.ScalarNode) else key_node.value
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
             lines[loc + (key,)] = key_node.start_mark.line + 1
             out[key] = _construct(value_node, loc + (key,), lines, env, file)
         return out
@@ -159,5 +160,4 @@ def _scalar(node: yaml.ScalarNode, loc: tuple, env, file: str) -> Any:
         if whole and not node.style:  # unquoted ${X} takes the type its value spells, like a literal would
             return yaml.safe_load(text) if text.strip() else None
         return text
-    loader = yaml.SafeLoader("")
-    return loader.construct_object(node, deep=True)
+    return _CONSTRUCTOR.construct_object(node, deep=True)
