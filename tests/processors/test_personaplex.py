@@ -122,3 +122,21 @@ def test_chat_url_never_carries_a_seed_and_requires_a_text_prompt():
     with pytest.raises(ValueError):
         wire.chat_url("ws://h", "v", "")
     assert wire.text_piece(b" Hello") == " Hello" and wire.text_piece(b"<s>") is None
+
+
+async def test_wss_engine_with_a_self_signed_certificate():
+    from pipelines.engine.reference import self_signed_ssl_context
+
+    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    url = await engine.start("127.0.0.1", 0, ssl_context=self_signed_ssl_context())
+    assert url.startswith("wss://")
+    try:
+        trusting = PersonaPlexProcessor(PersonaPlexParams(verify_tls=False), engine_url=url)
+        down, up = await run_test(trusting, frames_to_send=paced(silence(0.8)), pipeline_params=call_params())
+        assert not [f for f in up if isinstance(f, ErrorFrame)] and trusting.stats["pages_received"] > 0
+        verifying = PersonaPlexProcessor(PersonaPlexParams(verify_tls=True), engine_url=url)
+        _, up = await run_test(verifying, frames_to_send=paced(silence(0.3)), pipeline_params=call_params())
+        errors = [f for f in up if isinstance(f, ErrorFrame)]
+        assert len(errors) == 1 and "certificate" in errors[0].error.lower()
+    finally:
+        await engine.stop()
