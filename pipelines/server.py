@@ -102,6 +102,8 @@ class CallServer:
         except TimeoutError:
             logger.warning(f"{ws.remote_address}: no `start` within {START_TIMEOUT:.0f} s; closing")
             await ws.close(1008, "no start event")
+        except websockets.ConnectionClosed:
+            pass
         return None
 
     async def _run_call(self, ws, protocol, started: CallStartedFrame):
@@ -111,15 +113,19 @@ class CallServer:
         self.totals["calls_total"] += 1
         logger.info(f"call {record.call_id}: {call.provider} at {call.sample_rate} Hz, params {call.custom_parameters}")
         output = CallOutput(protocol, ws, record.call_id)
-        worker = new_call_worker(self.deployment, call, output, self.engine_url)
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(worker)
-        reader = asyncio.create_task(self._read(ws, protocol, worker), name=f"call-reader-{record.call_id}")
+        reader = None
         try:
+            worker = new_call_worker(self.deployment, call, output, self.engine_url)
+            runner = WorkerRunner(handle_sigint=False)
+            await runner.add_workers(worker)
+            reader = asyncio.create_task(self._read(ws, protocol, worker), name=f"call-reader-{record.call_id}")
             await runner.run()
+        except Exception:
+            logger.exception(f"call {record.call_id}: the call's pipeline failed")
         finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            if reader:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
             await ws.close()
             del self.calls[id(record)]
             logger.info(f"call {record.call_id}: ended after {time.monotonic() - record.started:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent")

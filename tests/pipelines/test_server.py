@@ -128,3 +128,15 @@ async def test_stats_and_unknown_paths_over_http(deployment):
         assert info.value.response.status_code == 404
     finally:
         await server.stop()
+
+
+async def test_a_call_whose_pipeline_cannot_be_built_is_closed_and_forgotten(deployment):
+    server = await serve(deployment, None)  # personaplex without any engine URL refuses to build
+    try:
+        result = await asyncio.wait_for(
+            place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(RATE, np.int16), RATE, seconds=5, linger=0.5), 10)
+        assert result.close_code == 1000 and result.sent_seconds < 3
+        await idle(server)
+        assert server.calls == {} and server.connections == 0 and server.totals["calls_total"] == 1
+    finally:
+        await server.stop()
