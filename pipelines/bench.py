@@ -46,7 +46,13 @@ def bench_resample(args) -> int:
     return 0
 
 
-BENCHES = {"resample": bench_resample}
+def _bench_vad(args) -> int:
+    from pipelines.bench_vad import bench_vad
+
+    return bench_vad(args)
+
+
+BENCHES = {"resample": bench_resample, "vad": _bench_vad}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,5 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("resample", help=bench_resample.__doc__, description=bench_resample.__doc__)
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
+    from pipelines.bench_vad import add_parser
+
+    add_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)

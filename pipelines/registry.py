@@ -37,10 +37,12 @@ def _summary(obj) -> str:
 def processors() -> dict[str, ProcessorEntry]:
     from processors.personaplex import PersonaPlexParams, PersonaPlexProcessor
     from processors.resample import ResampleParams, ResampleProcessor
+    from processors.vad import VADParams, VADProcessor
 
     entries = [
         ProcessorEntry("personaplex", PersonaPlexProcessor, PersonaPlexParams, _summary(PersonaPlexProcessor)),
         ProcessorEntry("resample", ResampleProcessor, ResampleParams, _summary(ResampleProcessor)),
+        ProcessorEntry("vad", VADProcessor, VADParams, _summary(VADProcessor)),
     ]
     return {e.name: e for e in entries}
 

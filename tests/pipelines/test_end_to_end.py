@@ -113,8 +113,8 @@ async def test_caller_hears_its_own_speech_echoed(server, rate):
 async def test_two_concurrent_calls_each_hear_their_own_audio(server):
     said = speech(RATE)
     quiet = np.zeros(RATE // 2, np.int16)
-    first = np.concatenate([quiet, said, quiet, quiet])
-    second = np.concatenate([quiet, quiet, quiet, said])  # said a second later than the first caller
+    first = np.concatenate([quiet, quiet, said, quiet, quiet])  # after the engine's 0.5 s prompt phase
+    second = np.concatenate([quiet, quiet, quiet, quiet, said])  # said a second later than the first caller
     results = await asyncio.gather(*(place_call(server["url"], a, RATE, seconds=len(a) / RATE + 2.5) for a in (first, second)))
     offsets = []
     for result in results:

@@ -1,0 +1,79 @@
+"""Silero voice activity detection on caller audio, tuned for phone calls.
+
+Pipecat's defaults (confidence 0.7, start 0.2 s, min_volume 0.6) confirm speech 360-880 ms of audio
+after its energy onset on our espeak fixtures (860-920 ms at -20 dB; 2 s or never at -30 dB):
+min_volume is a smoothed loudness that ramps up slowly, so it mostly adds delay. Ours confirm after
+120-160 ms at normal level and 160-180 ms at -20 dB; three 32 ms windows (start 0.1 s) rather than
+two keeps a click or cough from barging in. No white, pink or brown noise or 1 kHz tone from -60 to
+-20 dBFS triggers either setting
+(`python -m pipelines bench vad`, BENCHMARKS.md).
+
+Silero's ONNX load takes ~40 ms of blocking work, so the analyzer is built in a worker thread
+during setup(): 20 calls starting together must not stall each other's audio. The analyzer
+follows the rate of the audio frames (a resampler may sit in front); Silero only knows 8 and
+16 kHz, and any other rate is reported once as an ErrorFrame and the audio passed through.
+"""
+
+import asyncio
+import dataclasses
+
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADParams as PipecatVADParams
+from pipecat.frames.frames import Frame, InputAudioRawFrame
+from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
+from pydantic import BaseModel, ConfigDict, Field
+
+SILERO_RATES = (8000, 16000)
+
+
+class VADParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    confidence: float = Field(0.7, ge=0, le=1, description="Silero speech probability a 32 ms window needs")
+    start_secs: float = Field(0.1, ge=0, description="speech needed before the user counts as speaking (3 windows)")
+    stop_secs: float = Field(0.2, ge=0, description="non-speech needed before the user counts as stopped")
+    min_volume: float = Field(
+        0.2, ge=0, le=1, description="floor on smoothed loudness (-110..-10 LUFS as 0..1); 0.6 misses quiet callers"
+    )
+
+    def pipecat(self) -> PipecatVADParams:
+        return PipecatVADParams(**self.model_dump())
+
+
+class VADProcessor(PipecatVADProcessor):
+    """Silero VAD on caller audio (8 or 16 kHz): user started/stopped speaking frames."""
+
+    Params = VADParams
+
+    def __init__(self, params: VADParams | None = None, **kwargs):
+        # pipecat's VADController only stores the analyzer until setup(); ours is built there.
+        super().__init__(vad_analyzer=None, **kwargs)  # type: ignore[arg-type]
+        self._params = params or VADParams()
+        self._analyzer: SileroVADAnalyzer | None = None
+        self._bad_rate_reported = False
+
+    async def setup(self, setup: FrameProcessorSetup):
+        self._analyzer = await asyncio.to_thread(SileroVADAnalyzer, params=self._params.pipecat())
+        self._vad_controller._vad_analyzer = self._analyzer
+        rate = setup.audio_in_sample_rate
+        # Audio at other rates is checked per frame; the controller would raise here.
+        await super().setup(setup if rate in SILERO_RATES else dataclasses.replace(setup, audio_in_sample_rate=16000))
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, InputAudioRawFrame) and self._analyzer and frame.sample_rate != self._analyzer.sample_rate:
+            if frame.sample_rate not in SILERO_RATES:
+                await self._reject(frame, direction)
+                return
+            self._analyzer.set_sample_rate(frame.sample_rate)  # resets the VAD state, as a new stream should
+        await super().process_frame(frame, direction)
+
+    async def _reject(self, frame: InputAudioRawFrame, direction: FrameDirection):
+        await super(PipecatVADProcessor, self).process_frame(frame, direction)
+        if not self._bad_rate_reported:
+            self._bad_rate_reported = True
+            await self.push_error(
+                f"{self}: Silero VAD needs 8000 or 16000 Hz caller audio, got {frame.sample_rate} Hz;"
+                " put a resample processor (rate: 16000) in front of it"
+            )
+        await self.push_frame(frame, direction)
