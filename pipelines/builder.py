@@ -91,7 +91,7 @@ def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
     if isinstance(p.params, BaseModel):
         if "engine_url" in inspect.signature(p.entry.cls).parameters:
             kwargs["engine_url"] = engine_url
-        return p.entry.cls(p.params.model_copy(deep=True), **kwargs)
+        return p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
     return p.entry.cls(**p.params, **kwargs)
 
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
-import soundfile as sf
-import soxr
 from loguru import logger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -38,19 +36,6 @@ class CallResult:
     clears: int = 0
     close_code: int | None = None
     sent_seconds: float = 0.0
-
-
-def read_wav(path, sample_rate: int) -> np.ndarray:
-    """Any WAV as int16 mono at `sample_rate`, ready to be spoken into a call."""
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate)
-    return np.round(np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16)
-
-
-def write_wav(path, audio: np.ndarray, sample_rate: int) -> None:
-    sf.write(str(path), np.asarray(audio, dtype=np.int16), sample_rate, subtype="PCM_16")
 
 
 def dial_url(url: str, sample_rate: int, custom_parameters: dict[str, str]) -> str:

@@ -82,7 +82,8 @@ def engine_main(argv: list[str]) -> int:
 
 
 def cmd_call(args) -> int:
-    from pipelines.caller import place_call, read_wav, write_wav
+    from pipelines.audio import read_wav, write_wav
+    from pipelines.caller import place_call
 
     deployment = _load_plan(args.config)
     cfg = deployment.loaded.config

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Literal, Mapping, Protocol
 
 import numpy as np
-import soundfile
-import soxr
 from aiohttp import WSMsgType, web
 from loguru import logger
 from pydantic import BaseModel, Field, ValidationError
 
+from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav
 from pipelines.engine.ogg import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
@@ -171,18 +170,12 @@ class ScriptAgent:
 
 def default_script_wav() -> str:
     """A real speech clip that ships with pipecat, so script mode works without any file."""
-    from importlib.resources import files
-
-    return str(files("pipecat") / "services/aws/nova_sonic/ready.wav")
+    return str(PIPECAT_SPEECH_WAV)
 
 
 def load_clip(path: str) -> np.ndarray:
     """Any WAV soundfile reads, as mono float32 at 24 kHz."""
-    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE)
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return read_wav(path, SAMPLE_RATE).astype(np.float32) / 32768.0
 
 
 class UplinkViolation(Exception):

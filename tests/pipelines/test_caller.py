@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import importlib.resources
 import json
 from urllib.parse import parse_qs, urlsplit
 
@@ -11,10 +10,11 @@ import pytest
 from pipecat.frames.frames import InputAudioRawFrame
 from websockets.asyncio.server import serve
 
-from pipelines.caller import place_call, read_wav, write_wav
+from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav, write_wav
+from pipelines.caller import place_call
 from transports.exotel import ExotelParams, ExotelProtocol
 
-READY_WAV = importlib.resources.files("pipecat") / "services/aws/nova_sonic/ready.wav"
+READY_WAV = PIPECAT_SPEECH_WAV
 
 
 @pytest.fixture(scope="module")

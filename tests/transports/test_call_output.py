@@ -6,7 +6,7 @@ import json
 
 import pytest
 import websockets
-from pipecat.frames.frames import EndFrame, InterruptionFrame, OutputAudioRawFrame, SpeechOutputAudioRawFrame, TTSStoppedFrame
+from pipecat.frames.frames import InterruptionFrame, OutputAudioRawFrame, SpeechOutputAudioRawFrame, TTSStoppedFrame
 from pipecat.tests.utils import SleepFrame, run_test
 
 from transports.call_output import CallOutput

@@ -2,14 +2,12 @@
 
 import random
 import struct
-from importlib.resources import files
 
 import numpy as np
 import pytest
-import soundfile
-import soxr
 import sphn
 
+from tests.speech import speech_float
 from pipelines.engine.ogg import (
     DOWNLINK_SERIAL,
     FRAME_SAMPLES,
@@ -32,9 +30,7 @@ from pipelines.engine.ogg import (
 
 
 def speech_24k() -> np.ndarray:
-    path = files("pipecat") / "services/aws/nova_sonic/ready.wav"
-    data, rate = soundfile.read(str(path), dtype="float32")
-    return soxr.resample(data, rate, 24000).astype(np.float32)
+    return speech_float(24000)
 
 
 def padded_speech(lead_s: float = 0.2, tail_s: float = 0.3) -> np.ndarray:

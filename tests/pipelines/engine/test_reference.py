@@ -7,18 +7,18 @@ import ssl
 import subprocess
 import sys
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
-import soxr
 import sphn
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from pipelines.audio import PIPECAT_SPEECH_WAV
+from tests.speech import speech_float
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.engine.ogg import FRAME_SAMPLES, frame_duration_us, parse_page, split_opus_packet, split_pages
 from pipelines.engine.reference import main, self_signed_ssl_context
@@ -29,9 +29,7 @@ QUIET = 0.3  # long enough to be sure nothing else is coming on loopback
 
 
 def speech_24k() -> np.ndarray:
-    path = files("pipecat") / "services/aws/nova_sonic/ready.wav"
-    data, rate = soundfile.read(str(path), dtype="float32")
-    return soxr.resample(data, rate, 24000).astype(np.float32)
+    return speech_float(24000)
 
 
 def frames_of(*parts: np.ndarray) -> np.ndarray:
@@ -275,7 +273,7 @@ async def test_tone_mode_sends_the_tone_and_no_text(make_engine):
 
 async def test_script_mode_plays_the_clip_at_script_at_with_its_words(make_engine, tmp_path):
     clip_path = tmp_path / "clip.wav"
-    clip16k, _ = soundfile.read(str(files("pipecat") / "services/aws/nova_sonic/ready.wav"))
+    clip16k, _ = soundfile.read(str(PIPECAT_SPEECH_WAV))
     soundfile.write(clip_path, clip16k, 16000)
     text = "Ready when you are, friend."
     engine = await make_engine(mode="script", script_wav=str(clip_path), script_text=text, script_at=0.24)
