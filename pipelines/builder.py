@@ -14,6 +14,7 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pydantic import BaseModel
 
 from pipelines.config import LoadedConfig
+from pipelines.errors import ParamsError
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from transports.frames import CallInfo
 
@@ -23,6 +24,7 @@ class ProcessorPlan:
     entry: ProcessorEntry
     params: BaseModel | dict[str, Any]
     name: str | None
+    prepared: Any = None  # what the class's `prepare(params, config_dir)` made once for all calls
 
 
 @dataclass
@@ -54,13 +56,26 @@ def plan(loaded: LoadedConfig) -> DeploymentPlan:
         except UnknownName as exc:
             raise loaded.error(("processors", i, "type"), str(exc)) from None
         loc = ("processors", i, "params")
+        prepared = None
         if entry.params is not None:
             params: BaseModel | dict = loaded.validate_model(entry.params, spec.params, loc)
+            prepared = _prepare(loaded, entry, params, loc)
         else:
             _check_kwargs(loaded, entry, spec.params, loc)
             params = dict(spec.params)
-        plans.append(ProcessorPlan(entry, params, spec.name))
+        plans.append(ProcessorPlan(entry, params, spec.name, prepared))
     return DeploymentPlan(loaded, transport_params, plans)
+
+
+def _prepare(loaded: LoadedConfig, entry: ProcessorEntry, params: BaseModel, loc: tuple) -> Any:
+    """Start-up work a processor shares between calls (e.g. rendered clips), done before serving."""
+    prepare = getattr(entry.cls, "prepare", None)
+    if prepare is None:
+        return None
+    try:
+        return prepare(params, loaded.path.parent)
+    except ParamsError as exc:
+        raise loaded.error(loc + exc.loc, exc.problem) from None
 
 
 def _accepted_kwargs(cls) -> set[str]:
@@ -91,6 +106,8 @@ def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
     if isinstance(p.params, BaseModel):
         if "engine_url" in inspect.signature(p.entry.cls).parameters:
             kwargs["engine_url"] = engine_url
+        if p.prepared is not None:
+            kwargs["prepared"] = p.prepared
         return p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
     return p.entry.cls(**p.params, **kwargs)
 

@@ -35,16 +35,24 @@ def _summary(obj) -> str:
 
 
 def processors() -> dict[str, ProcessorEntry]:
-    from processors.personaplex import PersonaPlexParams, PersonaPlexProcessor
-    from processors.resample import ResampleParams, ResampleProcessor
-    from processors.vad import VADParams, VADProcessor
+    from processors.barge_in import BargeInProcessor
+    from processors.bot_speech import BotSpeechProcessor
+    from processors.holding import HoldingProcessor
+    from processors.pacer import PacerProcessor
+    from processors.personaplex import PersonaPlexProcessor
+    from processors.resample import ResampleProcessor
+    from processors.vad import VADProcessor
 
-    entries = [
-        ProcessorEntry("personaplex", PersonaPlexProcessor, PersonaPlexParams, _summary(PersonaPlexProcessor)),
-        ProcessorEntry("resample", ResampleProcessor, ResampleParams, _summary(ResampleProcessor)),
-        ProcessorEntry("vad", VADProcessor, VADParams, _summary(VADProcessor)),
-    ]
-    return {e.name: e for e in entries}
+    classes = {
+        "vad": VADProcessor,
+        "barge_in": BargeInProcessor,
+        "resample": ResampleProcessor,
+        "personaplex": PersonaPlexProcessor,
+        "bot_speech": BotSpeechProcessor,
+        "holding": HoldingProcessor,
+        "pacer": PacerProcessor,
+    }
+    return {name: ProcessorEntry(name, cls, cls.Params, _summary(cls)) for name, cls in classes.items()}
 
 
 def transports() -> dict[str, TransportEntry]:

@@ -4,7 +4,8 @@ The server is input-clocked (no audio in, no audio out), eats everything sent be
 handshake, and has no keepalive or error message (docs/personaplex-protocol.md §3-§6). So this
 processor streams every caller frame once the handshake is in, starts one Ogg-Opus writer per
 session whose first page goes first, and treats a close, an error or an engine that stays silent
-while audio flows as a failure: an ErrorFrame upstream, then a graceful end of the call.
+while audio flows as a failure: an ErrorFrame upstream, an EngineFailedFrame downstream (the
+holding messages answer it with an apology), then a graceful end of the call.
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
 from processors import personaplex_wire as wire
+from processors.frames import EngineFailedFrame
 
 MODEL_RATE = 24000
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
@@ -218,6 +220,7 @@ class PersonaPlexProcessor(FrameProcessor):
         self._failed = True
         logger.error(f"call {self._call_id}: PersonaPlex failure: {reason}")
         await self.push_error(f"PersonaPlex: {reason}")
+        await self.push_frame(EngineFailedFrame(reason=reason))  # holding messages apologise
         await self.push_frame(EndWorkerFrame(reason=f"engine failure: {reason}"))
 
     async def _close(self):

@@ -2,6 +2,10 @@
 
 Shared by every provider; what differs (JSON shape, chunk rules, mark and clear messages) lives
 in the pure protocol object.
+
+No chunk of interrupted audio may follow a `clear`. The pacer stamps each chunk with the number of
+interruptions it had seen; this output counts the `clear`s it sent. An older stamp is refused; a
+newer one means its InterruptionFrame is still on the way, so the `clear` goes out first.
 """
 
 from loguru import logger
@@ -15,8 +19,9 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
-from transports.frames import MarkFrame
+from transports.frames import MarkFrame, PacedAudioFrame
 
 
 class CallOutput(FrameProcessor):
@@ -28,7 +33,10 @@ class CallOutput(FrameProcessor):
         self._ws = websocket
         self._call_id = call_id
         self._rate: int | None = None
+        self._clears = 0  # interruptions answered with a `clear`
+        self._interruptions = 0  # InterruptionFrames seen
         self.messages_sent = 0
+        self.stats = {"stale_chunks_refused": 0, "sends_after_close": 0}
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -39,7 +47,8 @@ class CallOutput(FrameProcessor):
             await self._send(self._protocol.mark(frame.mark))
             return
         if isinstance(frame, InterruptionFrame):
-            await self._send(self._protocol.clear())
+            self._interruptions += 1
+            await self._clear(self._interruptions)
         elif isinstance(frame, TTSStoppedFrame):
             await self._send(self._protocol.flush())
         elif isinstance(frame, EndFrame):
@@ -49,7 +58,17 @@ class CallOutput(FrameProcessor):
             await self._ws.close()
         await self.push_frame(frame, direction)
 
+    async def _clear(self, epoch: int):
+        if epoch > self._clears:
+            self._clears = epoch
+            await self._send(self._protocol.clear())
+
     async def _audio(self, frame: OutputAudioRawFrame):
+        if isinstance(frame, PacedAudioFrame):
+            if frame.epoch < self._clears:
+                self.stats["stale_chunks_refused"] += 1
+                return
+            await self._clear(frame.epoch)
         rate = self._protocol.call.sample_rate
         if frame.sample_rate != rate:
             if self._rate != frame.sample_rate:
@@ -60,6 +79,9 @@ class CallOutput(FrameProcessor):
 
     async def _send(self, messages: list[str]):
         for message in messages:
+            if self._ws.state is not State.OPEN:
+                self.stats["sends_after_close"] += 1  # not sent: counted to show nothing leaks after close
+                continue
             try:
                 await self._ws.send(message)
             except ConnectionClosed:

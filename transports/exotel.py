@@ -190,6 +190,8 @@ class ExotelProtocol:
             raise _Drop("missing_call_sid", f"stream {stream_id}")
         media_format = _pick(start, "media_format", "mediaFormat")
         encoding, rate = self._format(media_format, f"call {call_id}")
+        width = 1 if encoding == "mulaw" else 2
+        self._chunk = chunk_bytes(rate, width, self.params.min_chunk_bytes)
         self.call = CallInfo(
             provider=self.name,
             stream_id=str(stream_id),
@@ -200,8 +202,8 @@ class ExotelProtocol:
             from_number=_str_or_none(start.get("from")),
             to_number=_str_or_none(start.get("to")),
             custom_parameters=self._custom_parameters(start),
+            chunk_samples=self._chunk // width,
         )
-        self._chunk = chunk_bytes(rate, self._width, self.params.min_chunk_bytes)
         logger.info(
             f"exotel call {call_id}: stream {stream_id} started, {rate} Hz {encoding}, "
             f"{self._chunk} B per outbound media message"

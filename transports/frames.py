@@ -6,7 +6,7 @@ the provider protocols translate those events into these frames.
 
 from dataclasses import dataclass, field
 
-from pipecat.frames.frames import DataFrame, SystemFrame
+from pipecat.frames.frames import DataFrame, OutputAudioRawFrame, SystemFrame
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class CallInfo:
     from_number: str | None = None
     to_number: str | None = None
     custom_parameters: dict[str, str] = field(default_factory=dict)
+    chunk_samples: int = 0  # samples per outbound media message the provider wants; 0: any size
 
     def as_metadata(self) -> dict:
         """Plain dict carried in StartFrame.metadata["call"] to every processor."""
@@ -35,6 +36,7 @@ class CallInfo:
             "from_number": self.from_number,
             "to_number": self.to_number,
             "custom_parameters": dict(self.custom_parameters),
+            "chunk_samples": self.chunk_samples,
         }
 
 
@@ -67,3 +69,14 @@ class MarkPlayedFrame(SystemFrame):
     """The provider reports that the audio before `mark` finished playing."""
 
     mark: str = ""
+
+
+@dataclass
+class PacedAudioFrame(OutputAudioRawFrame):
+    """One provider-sized chunk released by the pacer at its send time.
+
+    `epoch` counts the interruptions the pacer had seen when it released the chunk, so the output
+    can refuse a chunk that reaches it after the `clear` it belongs before.
+    """
+
+    epoch: int = 0

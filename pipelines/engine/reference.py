@@ -4,7 +4,7 @@ It reproduces the behaviour clients trip over (docs/personaplex-protocol.md sect
 before validation (bad parameters => 1006), one global session slot with silent queueing, a prompt phase
 that eats client messages, the exact handshake and header pages, a strict uplink Ogg reader whose
 violations close with 1000, and input-clocked 80 ms output. What it says is scripted instead of generated:
-an echo of the caller, a tone, or a WAV clip with its words as text pieces.
+an echo of the caller, a tone, or WAV clips at set times with their words as text pieces.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Protocol
+from typing import Iterable, Literal, Mapping, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
 from loguru import logger
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav
 from pipelines.engine.ogg import (
@@ -42,6 +42,7 @@ KIND_TEXT = 0x02
 PROMPT_STEP_S = 0.02
 IS_ALIVE_TIMEOUT_S = 0.01
 SILENCE_RMS = 0.01  # about -40 dBFS
+DEFAULT_SCRIPT_TEXT = "Hello, this is the reference engine."
 DEFAULT_VOICES = [
     *(f"NATF{i}.pt" for i in range(4)),
     *(f"NATM{i}.pt" for i in range(4)),
@@ -51,18 +52,37 @@ DEFAULT_VOICES = [
 _GONE = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
+class ScriptLine(BaseModel, extra="forbid"):
+    """One utterance of script mode: a clip and its words from `at` seconds on the session's step timeline."""
+
+    at: float = Field(ge=0)
+    wav: str | None = None  # None: the pipecat speech clip (default_script_wav)
+    text: str = DEFAULT_SCRIPT_TEXT
+
+
 class EngineOptions(BaseModel, extra="forbid"):
     mode: Literal["echo", "tone", "script"] = "echo"
     handshake_delay: float = Field(0.5, ge=0)
     step_delay: float = Field(0.0, ge=0)
     echo_delay: float = Field(1.0, ge=0)
     tone_hz: float = Field(440.0, gt=0)
+    # script mode: `script`, or the one line that script_wav/script_text/script_at describe
+    script: list[ScriptLine] = Field(default_factory=list)
     script_wav: str | None = None
-    script_text: str = "Hello, this is the reference engine."
+    script_text: str = DEFAULT_SCRIPT_TEXT
     script_at: float = Field(0.5, ge=0)
     sessions: int = Field(1, ge=1)
     voices: list[str] = Field(default_factory=lambda: list(DEFAULT_VOICES))
     fail_after_frames: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_kind_of_script(self) -> EngineOptions:
+        if self.script and self.model_fields_set & {"script_wav", "script_text", "script_at"}:
+            raise ValueError("give either script or script_wav/script_text/script_at, not both")
+        return self
+
+    def script_lines(self) -> list[ScriptLine]:
+        return self.script or [ScriptLine(at=self.script_at, wav=self.script_wav, text=self.script_text)]
 
 
 @dataclass
@@ -139,33 +159,38 @@ class ToneAgent:
 
 
 class ScriptAgent:
-    """Plays a clip at a fixed point of the session timeline and spreads its words over the clip.
+    """Plays clips at fixed points of the session timeline and spreads each clip's words over it.
 
     The timeline counts model steps (80 ms each), not wall time, because the real model only advances
-    when input arrives.
+    when input arrives. Lines are `(at seconds, clip, text)` in any order. Overlapping clips are mixed
+    (summed, clipped to [-1, 1]): a line starts when its time comes whatever is still playing, and
+    pieces due in the same step queue and go out one per step, earlier lines first.
     """
 
-    def __init__(self, clip: np.ndarray, text: str, start_s: float) -> None:
-        start = round(start_s * SAMPLE_RATE)
-        self._audio = np.concatenate([np.zeros(start, dtype=np.float32), clip.astype(np.float32)])
-        first_step = start // FRAME_SAMPLES
-        clip_steps = max(1, -(-len(clip) // FRAME_SAMPLES))
-        pieces = text_pieces(text)
+    def __init__(self, lines: Iterable[tuple[float, np.ndarray, str]]) -> None:
+        self._clips: list[tuple[int, np.ndarray]] = []
         self._schedule: dict[int, list[str]] = {}
-        for i, piece in enumerate(pieces):
-            step = first_step + i * clip_steps // len(pieces)
-            self._schedule.setdefault(step, []).append(piece)
+        for at, clip, text in sorted(lines, key=lambda line: line[0]):
+            start = round(at * SAMPLE_RATE)
+            self._clips.append((start, clip))
+            first_step = start // FRAME_SAMPLES
+            clip_steps = max(1, -(-len(clip) // FRAME_SAMPLES))
+            pieces = text_pieces(text)
+            for i, piece in enumerate(pieces):
+                self._schedule.setdefault(first_step + i * clip_steps // len(pieces), []).append(piece)
         self._pending: deque[str] = deque()
         self._step = 0
 
     def step(self, frame: np.ndarray) -> tuple[np.ndarray, str | None]:
         pos = self._step * FRAME_SAMPLES
         out = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-        chunk = self._audio[pos : pos + FRAME_SAMPLES]
-        out[: len(chunk)] = chunk
+        for start, clip in self._clips:
+            lo, hi = max(pos, start), min(pos + FRAME_SAMPLES, start + len(clip))
+            if lo < hi:
+                out[lo - pos : hi - pos] += clip[lo - start : hi - start]
         self._pending.extend(self._schedule.pop(self._step, []))
         self._step += 1
-        return out, self._pending.popleft() if self._pending else None
+        return np.clip(out, -1.0, 1.0), self._pending.popleft() if self._pending else None
 
 
 def default_script_wav() -> str:
@@ -188,9 +213,11 @@ class ReferenceEngine:
         self.stats = EngineStats()
         self.port: int | None = None
         self.url: str | None = None
-        self._clip: np.ndarray | None = None
+        self._script: list[tuple[float, np.ndarray, str]] = []  # loaded once, shared by every session
         if self.options.mode == "script":
-            self._clip = load_clip(self.options.script_wav or default_script_wav())
+            lines = self.options.script_lines()
+            clips = {path: load_clip(path) for path in {line.wav or default_script_wav() for line in lines}}
+            self._script = [(line.at, clips[line.wav or default_script_wav()], line.text) for line in lines]
         self._slots: asyncio.Semaphore | None = None
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -376,8 +403,7 @@ class ReferenceEngine:
             return EchoAgent(self.options.echo_delay)
         if self.options.mode == "tone":
             return ToneAgent(self.options.tone_hz)
-        assert self._clip is not None
-        return ScriptAgent(self._clip, self.options.script_text, self.options.script_at)
+        return ScriptAgent(self._script)
 
 
 def _abort(request: web.Request) -> None:
@@ -443,7 +469,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8998, help="port, 0 = any free (default: %(default)s)")
-    p.add_argument("--mode", choices=["echo", "tone", "script"], default=defaults.mode)
+    p.add_argument(
+        "--mode",
+        choices=["echo", "tone", "script"],
+        help=f"default: script with --say, else {defaults.mode}",
+    )
     p.add_argument(
         "--handshake-delay",
         type=float,
@@ -458,12 +488,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--echo-delay", type=float, default=defaults.echo_delay)
     p.add_argument("--tone-hz", type=float, default=defaults.tone_hz)
-    p.add_argument("--script-wav", default=None, help="clip for --mode script (default: pipecat's ready.wav)")
-    p.add_argument("--script-text", default=defaults.script_text)
-    p.add_argument("--script-at", type=float, default=defaults.script_at)
+    p.add_argument(
+        "--say",
+        action="append",
+        type=_script_line,
+        metavar="AT:WAV[:TEXT]",
+        help="script line (repeatable): WAV from AT seconds of the step timeline, TEXT as its words; "
+        "empty WAV = pipecat's ready.wav, no TEXT = the default words. Not with --script-*",
+    )
+    p.add_argument("--script-wav", help="one-line script: clip (default: pipecat's ready.wav)")
+    p.add_argument("--script-text", help=f"one-line script: words (default: {defaults.script_text!r})")
+    p.add_argument("--script-at", type=float, help=f"one-line script: at, s (default: {defaults.script_at})")
     p.add_argument("--sessions", type=int, default=defaults.sessions, help="concurrent sessions (real: 1)")
     p.add_argument("--no-tls", action="store_true", help="serve ws:// instead of wss:// (real: --ssl)")
     return p
+
+
+def _script_line(value: str) -> ScriptLine:
+    """``AT:WAV[:TEXT]``; TEXT keeps any further colons."""
+    at, _, rest = value.partition(":")
+    wav, has_text, text = rest.partition(":")
+    try:
+        return ScriptLine(at=at, wav=wav or None, **({"text": text} if has_text else {}))
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
 
 
 async def _serve(options: EngineOptions, host: str, port: int, tls: bool) -> None:
@@ -478,17 +528,22 @@ async def _serve(options: EngineOptions, host: str, port: int, tls: bool) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Flags left out stay unset: the model's defaults apply, and --script-* are not mixed with --say.
+    unset_unless_given = {
+        "mode": args.mode or ("script" if args.say else None),
+        "script_wav": args.script_wav,
+        "script_text": args.script_text,
+        "script_at": args.script_at,
+    }
     try:
         options = EngineOptions(
-            mode=args.mode,
             handshake_delay=args.handshake_delay,
             step_delay=args.step_delay,
             echo_delay=args.echo_delay,
             tone_hz=args.tone_hz,
-            script_wav=args.script_wav,
-            script_text=args.script_text,
-            script_at=args.script_at,
+            script=args.say or [],
             sessions=args.sessions,
+            **{name: value for name, value in unset_unless_given.items() if value is not None},
         )
     except ValidationError as exc:
         print(f"invalid engine options: {exc}")

@@ -53,7 +53,8 @@ def test_shipped_exotel_config_is_valid():
     cfg = deployment.loaded.config
     assert cfg.server.port == 5050 and deployment.transport_params.path == "/exotel"
     assert cfg.engine.url is None
-    assert [p.entry.name for p in deployment.processors] == ["resample", "personaplex", "resample"]
+    assert [p.entry.name for p in deployment.processors] == [
+        "vad", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
 
 
 def test_env_substitution_with_defaults_and_types(tmp_path):

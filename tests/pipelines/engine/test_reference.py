@@ -7,6 +7,7 @@ import ssl
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,18 @@ from pipelines.audio import PIPECAT_SPEECH_WAV
 from tests.speech import speech_float
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.engine.ogg import FRAME_SAMPLES, frame_duration_us, parse_page, split_opus_packet, split_pages
-from pipelines.engine.reference import main, self_signed_ssl_context
+from pipelines.engine import reference
+from pipelines.engine.reference import (
+    SILENCE_RMS,
+    ScriptAgent,
+    ScriptLine,
+    _parser,
+    main,
+    self_signed_ssl_context,
+)
 
+ROOT = Path(__file__).resolve().parents[3]
+ONE_MOMENT_WAV = ROOT / "configs/clips/one_moment.wav"  # trimmed: speech from its first sample
 CHAT = "/api/chat?voice_prompt=NATF0.pt&text_prompt=You%20enjoy%20having%20a%20good%20conversation."
 HANDSHAKE_DELAY = 0.2
 QUIET = 0.3  # long enough to be sure nothing else is coming on loopback
@@ -293,6 +304,57 @@ async def test_script_mode_plays_the_clip_at_script_at_with_its_words(make_engin
     assert peak > 0.5 and abs(lag - 0.24 * 24000) < 0.02 * 24000
 
 
+def step_rms(pages: list[bytes]) -> np.ndarray:
+    pcm = decode(pages).reshape(len(pages), FRAME_SAMPLES).astype(np.float64)
+    return np.sqrt(np.mean(pcm**2, axis=1))
+
+
+async def test_script_lines_play_in_their_own_step_windows_with_silence_around(make_engine):
+    # Given out of order: the default clip (10 steps, voiced in its steps 1-5) from step 3, and the shipped
+    # one_moment clip (19 steps) from step 20.
+    script = [
+        {"at": 1.6, "wav": str(ONE_MOMENT_WAV), "text": "One moment, please."},
+        {"at": 0.24, "text": "Ready one."},
+    ]
+    engine = await make_engine(mode="script", script=script)
+    caller = await session(engine)
+    n = 44
+    await caller.send_audio(silence(n * 0.08))
+    pages, texts = await caller.audio_pages(n)
+    await caller.ws.close()
+    first, second = range(3, 13), range(20, 39)
+    rms = step_rms(pages)
+    assert rms[list(first)].max() > 5 * SILENCE_RMS
+    assert rms[20] > SILENCE_RMS  # a trimmed holding clip sounds in its very first step
+    assert np.sqrt(np.mean(rms[list(second)] ** 2)) > 5 * SILENCE_RMS
+    quiet = [i for i in range(n) if i not in first and i not in second]
+    assert all(rms[i] < SILENCE_RMS for i in quiet), [(i, rms[i]) for i in quiet if rms[i] >= SILENCE_RMS]
+    assert [piece for index, piece in texts if index in first] == [" Ready", " one", "."]
+    second_pieces = [piece for index, piece in texts if index in second]
+    assert second_pieces == [" One", " momen", "t", ",", " pleas", "e", "."]
+    assert len(texts) == 10
+    lag, peak = normalised_xcorr(speech_24k(), decode(pages)[: 20 * FRAME_SAMPLES])
+    assert peak > 0.5 and abs(lag - 0.24 * 24000) < 0.02 * 24000
+
+
+def test_script_agent_mixes_overlapping_lines_to_the_sample_and_queues_their_pieces():
+    a = np.full(3 * FRAME_SAMPLES, 0.6, np.float32)  # steps 0-2
+    b = np.full(2 * FRAME_SAMPLES, 0.3, np.float32)  # from 0.2 s: mid-step 2 to mid-step 4
+    agent = ScriptAgent([(0.2, b, "x y"), (0.0, a, "a b c")])
+    half = FRAME_SAMPLES // 2
+    steps = [agent.step(np.zeros(FRAME_SAMPLES, np.float32)) for _ in range(6)]
+    audio = np.concatenate([out for out, _ in steps])
+    expected = np.zeros(6 * FRAME_SAMPLES, np.float32)
+    expected[: len(a)] += a
+    expected[4 * FRAME_SAMPLES + half - len(b) : 4 * FRAME_SAMPLES + half] += b
+    np.testing.assert_allclose(audio, expected, atol=1e-6)
+    # Both lines have a piece due at step 2: the earlier line's goes first, the other waits one step.
+    assert [text for _, text in steps] == [" a", " b", " c", " x", " y", None]
+    loud = ScriptAgent([(0.0, a, ""), (0.0, a, "")])
+    out, text = loud.step(np.zeros(FRAME_SAMPLES, np.float32))
+    assert out.max() == 1.0 and text is None
+
+
 async def test_step_delay_slows_every_step(make_engine):
     engine = await make_engine(step_delay=0.1)
     caller = await session(engine)
@@ -442,8 +504,56 @@ async def test_tls_with_a_client_that_skips_verification(make_engine):
 def test_options_reject_unknown_fields_and_script_mode_has_a_default_clip():
     with pytest.raises(ValidationError):
         EngineOptions(handshake_dleay=1.0)
-    engine = ReferenceEngine(EngineOptions(mode="script"))
-    assert abs(len(engine._clip) - len(speech_24k())) <= 1
+    options = EngineOptions(mode="script")
+    assert options.script_lines() == [ScriptLine(at=0.5, text=options.script_text)]
+    engine = ReferenceEngine(options)
+    assert abs(len(engine._script[0][1]) - len(speech_24k())) <= 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"script": [{"at": -0.1}]},
+        {"script": [{"wav": "a.wav"}]},
+        {"script": [{"at": "soon"}]},
+        {"script": [{"at": 1, "voice": "NATF0.pt"}]},
+        {"script": [{"at": 1, "text": None}]},
+        {"script": {"at": 1}},
+        {"script": [{"at": 1}], "script_at": 2},
+        {"script": [{"at": 1}], "script_wav": "a.wav"},
+        {"script_at": -1},
+    ],
+    ids=[
+        "negative-at",
+        "no-at",
+        "text-at",
+        "unknown-key",
+        "null-text",
+        "not-a-list",
+        "script-and-at",
+        "script-and-wav",
+        "old-negative",
+    ],
+)
+def test_bad_script_options_are_rejected(options):
+    with pytest.raises(ValidationError):
+        EngineOptions(mode="script", **options)
+
+
+def test_script_clips_are_loaded_once_per_engine(monkeypatch, tmp_path):
+    clip_path = tmp_path / "clip.wav"
+    soundfile.write(clip_path, speech_float(16000), 16000)
+    loads = []
+    monkeypatch.setattr(reference, "load_clip", lambda path: loads.append(path) or speech_24k())
+    lines = [{"at": 0}, {"at": 1, "wav": str(clip_path)}, {"at": 2}, {"at": 3, "wav": str(clip_path)}]
+    engine = ReferenceEngine(EngineOptions(mode="script", script=lines))
+    engine._new_agent()
+    engine._new_agent()
+    assert sorted(loads) == sorted([str(clip_path), str(PIPECAT_SPEECH_WAV)])
+    assert engine._script[0][1] is engine._script[2][1]
+    monkeypatch.undo()
+    with pytest.raises(soundfile.LibsndfileError):  # at start-up, not in the first call's session
+        ReferenceEngine(EngineOptions(mode="script", script=[{"at": 0, "wav": str(tmp_path / "none.wav")}]))
 
 
 def test_cli_help_exits_cleanly(capsys):
@@ -453,8 +563,25 @@ def test_cli_help_exits_cleanly(capsys):
     assert "--no-tls" in capsys.readouterr().out
 
 
-async def test_cli_serves_wss_by_default_until_ctrl_c():
-    root = Path(__file__).resolve().parents[3]
+def test_cli_say_lines_parse_and_conflict_with_the_one_line_flags(capsys):
+    args = _parser().parse_args(["--say", "0.5:", "--say", "2:clip.wav:Hi: there", "--say", "3::"])
+    assert args.say == [
+        ScriptLine(at=0.5),
+        ScriptLine(at=2, wav="clip.wav", text="Hi: there"),
+        ScriptLine(at=3, text=""),
+    ]
+    for bad in ["soon:", "--say=-1:clip.wav"]:
+        with pytest.raises(SystemExit) as info:
+            _parser().parse_args(["--say", bad] if not bad.startswith("--") else [bad])
+        assert info.value.code == 2
+        assert "argument --say" in capsys.readouterr().err
+    assert main(["--say", "1:", "--script-at", "2"]) == 2
+    assert "not both" in capsys.readouterr().out
+
+
+@asynccontextmanager
+async def cli_engine(*flags: str):
+    """`main` in a subprocess, as `python -m pipelines engine` runs it; yields the printed base URL."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -464,19 +591,18 @@ async def test_cli_serves_wss_by_default_until_ctrl_c():
             "0",
             "--handshake-delay",
             "0.1",
+            *flags,
         ],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
-        assert line.startswith("wss://127.0.0.1:") and "/api/chat" in line
-        base = line.split("/api/chat")[0]
-        async with connect(base + CHAT, ssl=_insecure_client_context()) as ws:
-            await Caller(ws).handshake()
+        assert "/api/chat" in line
+        yield line.split("/api/chat")[0]
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 10) == 0
     finally:
@@ -484,3 +610,24 @@ async def test_cli_serves_wss_by_default_until_ctrl_c():
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+async def test_cli_serves_wss_by_default_until_ctrl_c():
+    async with cli_engine() as base:
+        assert base.startswith("wss://127.0.0.1:")
+        async with connect(base + CHAT, ssl=_insecure_client_context()) as ws:
+            await Caller(ws).handshake()
+
+
+async def test_cli_say_selects_script_mode_and_speaks_each_line():
+    async with cli_engine("--no-tls", "--say", f"0.96:{ONE_MOMENT_WAV}:One moment", "--say", "0::Hi") as base:
+        assert base.startswith("ws://")
+        async with connect(base + CHAT) as ws:
+            caller = Caller(ws)
+            await caller.handshake()
+            await caller.headers()
+            await caller.send_audio(silence(15 * 0.08))
+            pages, texts = await caller.audio_pages(15)
+    assert texts == [(0, " Hi"), (12, " One")]  # the default clip spans steps 0-9, one_moment starts at 12
+    rms = step_rms(pages)
+    assert rms[:10].max() > SILENCE_RMS and rms[10:12].max() < SILENCE_RMS < rms[12]
