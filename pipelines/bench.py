@@ -52,7 +52,13 @@ def _bench_vad(args) -> int:
     return bench_vad(args)
 
 
-BENCHES = {"resample": bench_resample, "vad": _bench_vad}
+def _bench_conversation(args) -> int:
+    from pipelines.bench_conversation import bench_conversation
+
+    return bench_conversation(args)
+
+
+BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("resample", help=bench_resample.__doc__, description=bench_resample.__doc__)
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
+    from pipelines.bench_conversation import add_parser as add_conversation_parser
     from pipelines.bench_vad import add_parser
 
     add_parser(sub)
+    add_conversation_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)

@@ -108,13 +108,19 @@ def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
             kwargs["engine_url"] = engine_url
         if p.prepared is not None:
             kwargs["prepared"] = p.prepared
-        return p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
-    return p.entry.cls(**p.params, **kwargs)
+        processor = p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
+    else:
+        processor = p.entry.cls(**p.params, **kwargs)
+    processor.registry_name = p.name or p.entry.name  # the key of its stats in logs and /stats
+    return processor
 
 
-def new_call_worker(deployment: DeploymentPlan, call: CallInfo, output: FrameProcessor, engine_url: str | None) -> PipelineWorker:
+def new_call_processors(deployment: DeploymentPlan, engine_url: str | None) -> list[FrameProcessor]:
+    return [new_processor(p, engine_url) for p in deployment.processors]
+
+
+def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: FrameProcessor) -> PipelineWorker:
     """The call's pipeline: configured processors, then the transport's output."""
-    processors = [new_processor(p, engine_url) for p in deployment.processors]
     params = PipelineParams(
         audio_in_sample_rate=call.sample_rate,
         audio_out_sample_rate=call.sample_rate,

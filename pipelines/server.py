@@ -9,6 +9,7 @@ gracefully; a vanished socket cancels it. Either way everything the call held is
 import asyncio
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
@@ -19,12 +20,13 @@ from pipecat.frames.frames import EndFrame
 from pipecat.workers.runner import WorkerRunner
 from websockets.asyncio.server import ServerConnection
 
-from pipelines.builder import DeploymentPlan, new_call_worker
+from pipelines.builder import DeploymentPlan, new_call_processors, new_call_worker
 from transports.call_output import CallOutput
 from transports.frames import CallStartedFrame, CallStoppedFrame
 
 START_TIMEOUT = 10.0  # Exotel gives a bot 10 s; a connection that never starts a call is dropped
 MAX_FRAME = 4 * 1024 * 1024  # protocol objects drop messages over their own, smaller limit
+RECENT_CALLS = 50  # finished calls whose processor stats /stats keeps
 
 
 @dataclass
@@ -33,6 +35,19 @@ class CallRecord:
     provider: str
     started: float = field(default_factory=time.monotonic)
     dropped: dict = field(default_factory=dict)
+
+
+def call_stats(processors: list, output: CallOutput) -> dict:
+    """Each processor's `stats` dict under its registered name (or class name), for logs and /stats."""
+    out = {"output": {**output.stats, "messages_sent": output.messages_sent}}
+    for p in processors:
+        if isinstance(getattr(p, "stats", None), dict):
+            name = getattr(p, "registry_name", None) or type(p).__name__
+            key, n = name, 2
+            while key in out:
+                key, n = f"{name}{n}", n + 1
+            out[key] = p.stats
+    return out
 
 
 class CallServer:
@@ -44,6 +59,7 @@ class CallServer:
         self.calls: dict[str, CallRecord] = {}
         self.connections = 0
         self.totals = {"calls_total": 0, "dropped_messages": 0, "connections_without_start": 0}
+        self.recent: deque[dict] = deque(maxlen=RECENT_CALLS)
         self._server = None
 
     async def start(self):
@@ -68,6 +84,7 @@ class CallServer:
             "connections": self.connections,
             "tasks": len(asyncio.all_tasks()),
             **self.totals,
+            "recent_calls": list(self.recent),
         }
 
     def _http(self, connection: ServerConnection, request):
@@ -114,8 +131,10 @@ class CallServer:
         logger.info(f"call {record.call_id}: {call.provider} at {call.sample_rate} Hz, params {call.custom_parameters}")
         output = CallOutput(protocol, ws, record.call_id)
         reader = None
+        processors = []
         try:
-            worker = new_call_worker(self.deployment, call, output, self.engine_url)
+            processors = new_call_processors(self.deployment, self.engine_url)
+            worker = new_call_worker(call, processors, output)
             runner = WorkerRunner(handle_sigint=False)
             await runner.add_workers(worker)
             reader = asyncio.create_task(self._read(ws, protocol, worker), name=f"call-reader-{record.call_id}")
@@ -128,7 +147,10 @@ class CallServer:
                 await asyncio.gather(reader, return_exceptions=True)
             await ws.close()
             del self.calls[id(record)]
-            logger.info(f"call {record.call_id}: ended after {time.monotonic() - record.started:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent")
+            stats = call_stats(processors, output)
+            self.recent.append({"call_id": record.call_id, "provider": record.provider,
+                                "seconds": round(time.monotonic() - record.started, 1), "stats": stats})
+            logger.info(f"call {record.call_id}: ended after {time.monotonic() - record.started:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent; {json.dumps(stats)}")
 
     async def _read(self, ws, protocol, worker):
         """Provider messages into the pipeline until `stop` or the socket closes."""

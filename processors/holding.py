@@ -30,7 +30,7 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.audio import read_wav
@@ -119,6 +119,10 @@ class HoldingProcessor(FrameProcessor):
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
+    async def setup(self, setup: FrameProcessorSetup):
+        await super().setup(setup)
+        self._rate = setup.audio_out_sample_rate
+
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         downstream = direction == FrameDirection.DOWNSTREAM
@@ -140,8 +144,7 @@ class HoldingProcessor(FrameProcessor):
             await self._on_failure()
         elif isinstance(frame, StartFrame):
             await self.push_frame(frame, direction)
-            self._rate = frame.audio_out_sample_rate
-            if self._params.prompt_clip:
+                if self._params.prompt_clip:
                 self._prompt_task = self.create_task(self._prompt_phase(), name="holding-prompt")
             return
         elif isinstance(frame, (EndFrame, CancelFrame)):

@@ -33,7 +33,7 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
 )
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
 from processors.frames import FadeOutFrame
@@ -103,6 +103,10 @@ class PacerProcessor(FrameProcessor):
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
+    async def setup(self, setup: FrameProcessorSetup):
+        await super().setup(setup)
+        self._rate = setup.audio_out_sample_rate
+
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         downstream = direction == FrameDirection.DOWNSTREAM
@@ -134,7 +138,6 @@ class PacerProcessor(FrameProcessor):
             await self.push_frame(frame, direction)
 
     def _start(self, frame: StartFrame):
-        self._rate = frame.audio_out_sample_rate
         call = frame.metadata.get("call", {})
         samples = self._rate * self._params.chunk_ms // 1000 if self._params.chunk_ms else call.get("chunk_samples") or 0
         self._chunk_bytes = 2 * (samples or self._rate * DEFAULT_CHUNK_MS // 1000)
@@ -225,13 +228,14 @@ class PacerProcessor(FrameProcessor):
         self._wake.set()
 
     async def _drain(self):
-        """Let the queued audio (an apology, a goodbye) play before the call is hung up."""
+        """Let the queued audio (an apology, a goodbye) play, and its mark come back, before the hang-up."""
         if self._buf:
             self._cut(bytes(self._buf) + bytes(self._chunk_bytes - len(self._buf)))
             self._buf.clear()
         deadline = self._now() + self._params.drain_timeout_secs
-        while (self._chunks or self._now() < self._play_end) and self._now() < deadline and self._task:
+        while (self._chunks or self._unplayed or self._now() < self._play_end) and self._now() < deadline and self._task:
             await asyncio.sleep(min(0.02, max(0.0, deadline - self._now())))
+        await self._set_speaking(False)
 
     # ---- sending (real time) ---------------------------------------------------
 

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import json
 
+import numpy as np
 import pytest
 import websockets
 from pipecat.frames.frames import InterruptionFrame, OutputAudioRawFrame, SpeechOutputAudioRawFrame, TTSStoppedFrame
@@ -11,7 +12,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from transports.call_output import CallOutput
 from transports.exotel import ExotelParams, ExotelProtocol
-from transports.frames import MarkFrame
+from transports.frames import MarkFrame, PacedAudioFrame
 from tests.speech import speech
 
 RATE = 8000
@@ -78,3 +79,38 @@ async def test_audio_at_the_wrong_rate_is_refused(link):
     await run_test(output, frames_to_send=[wrong] * 5)
     assert await received(client) == []
     assert output.messages_sent == 0
+
+
+def chunk(epoch: int, value: int = 1000) -> PacedAudioFrame:
+    return PacedAudioFrame(audio=np.full(1600, value, np.int16).tobytes(), sample_rate=RATE, num_channels=1, epoch=epoch)
+
+
+async def test_a_chunk_stamped_before_the_clear_never_follows_it(link):
+    """The pacer's epoch stamp: a chunk of interrupted audio that arrives late is refused."""
+    server_ws, client = link
+    output = CallOutput(started_protocol(), server_ws, "C")
+    await run_test(output, frames_to_send=[chunk(0), SleepFrame(sleep=0.05), InterruptionFrame(), SleepFrame(sleep=0.05), chunk(0, 7), chunk(1, 9)])
+    messages = await received(client)
+    events = [m["event"] for m in messages]
+    assert events == ["media", "clear", "media"]
+    last = np.frombuffer(base64.b64decode(messages[-1]["media"]["payload"]), np.int16)
+    assert (last == 9).all()  # the next epoch's audio, not the stale one
+    assert output.stats["stale_chunks_refused"] == 1
+
+
+async def test_a_chunk_from_a_newer_epoch_sends_its_clear_first(link):
+    """If new audio overtakes its InterruptionFrame, the `clear` still goes out before it, once."""
+    server_ws, client = link
+    output = CallOutput(started_protocol(), server_ws, "C")
+    await run_test(output, frames_to_send=[chunk(0), chunk(1), SleepFrame(sleep=0.05), InterruptionFrame(), chunk(1)])
+    events = [m["event"] for m in await received(client)]
+    assert events == ["media", "clear", "media", "media"]
+
+
+async def test_nothing_is_sent_after_the_provider_socket_closed(link):
+    server_ws, client = link
+    await client.close()
+    await server_ws.wait_closed()
+    output = CallOutput(started_protocol(), server_ws, "C")
+    await run_test(output, frames_to_send=[chunk(0), MarkFrame(mark="m"), InterruptionFrame()])
+    assert output.messages_sent == 0 and output.stats["sends_after_close"] >= 2

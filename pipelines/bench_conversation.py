@@ -1,0 +1,636 @@
+"""`python -m pipelines bench conversation`: barge-in, stale audio, output cadence and start-up audio
+on the wire, our server vs the stock pipecat baseline, as the simulated Exotel caller hears them.
+
+Both servers run as their own processes (`python -m pipelines run` with a temporary copy of
+configs/exotel.yaml, and pipelines/bench_stock.py); the callers run here. Every figure is on the
+caller's timeline (t=0 when `start` is sent; caller chunk k leaves at (k+1)*chunk), so it includes
+the provider's uplink chunking, both WebSockets and the server's whole pipeline.
+
+- barge-in: the bot talks from ~1.5 s (our script engine: clip at 0.8 s of its step timeline after a
+  0.5 s handshake; stock: `--speak-at 1.5`, same clip); the caller is silent, then says
+  tests/fixtures/interrupt_8k.wav from `--speech-at`. Latency = energy onset of that speech -> the
+  first `clear` the caller receives. Stale = non-silent media received after that `clear` until the
+  interrupted utterance would have ended.
+- cadence: the same bots, the caller stays silent: gaps in the caller's playout inside bot speech.
+- handshake: ours only, engine handshake 3 s (echo mode): `start` -> first non-silent media.
+- holding onset: ours only, server side, from GET /stats `recent_calls` (pacer `onset_ms`).
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RATE = 8000  # an 8 kHz Exotel call
+SILENT_RMS = 100.0  # a media payload at or below this RMS (int16) counts as silence
+GAP_TOLERANCE = 0.005  # playout gaps up to this long are not underruns (as processors/pacer.py)
+FIXTURE = "interrupt_8k"
+SCRIPT_AT = 0.8  # our engine's clip starts here on its step timeline...
+HANDSHAKE = 0.5  # ...which starts after this handshake
+STOCK_SPEAK_AT = 1.5  # the stock bot speaks this long after its pipeline starts
+SLOW_HANDSHAKE = 3.0
+HANDSHAKE_CALL_SECS = 5.0  # the greeting (4.6 s) plays out within the call
+STALE_MARGIN = 0.5  # the stale window runs this long past the utterance's nominal end
+TARGET_FIRST_AUDIO_MS = 300
+PARTS = ("barge-in", "cadence", "handshake")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("conversation", help=bench_conversation.__doc__, description=bench_conversation.__doc__)
+    p.add_argument("--calls", type=int, nargs="+", default=[1, 10], help="concurrent calls per round (default: 1 10)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of the 1-call case (concurrent cases run one round)")
+    p.add_argument("--chunk-ms", type=int, default=20,
+                   help="caller uplink chunk, ms (20: pipecat's own measurement; Exotel streams ~100)")
+    p.add_argument("--speech-at", type=float, default=4.0, help="seconds of silence before the caller barges in (>= 2.5)")
+    p.add_argument("--call-secs", type=float, default=8.0, help="length of barge-in and cadence calls")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run (holding onsets come with ours)")
+    p.add_argument("--servers", nargs="+", choices=("ours", "stock"), default=["ours", "stock"])
+    p.add_argument("--clip", default=None, help="what the bot says (default: configs/clips/apology.wav, 5.7 s)")
+    p.add_argument("--jitter-ms", type=float, default=20.0, help="random stagger of call starts within a round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", help="keep the servers' logs here (default: a temporary directory)")
+    return p
+
+
+# ---- pure analysis of what a caller received ------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    t: float  # arrival, seconds on the call's timeline
+    secs: float  # audio length
+    rms: float  # int16 RMS of the payload
+
+    @property
+    def loud(self) -> bool:
+        return self.rms > SILENT_RMS
+
+
+def decode_media(msg: dict) -> np.ndarray:
+    """The int16 samples of a `media` message (empty if it has no decodable payload)."""
+    import base64
+    import binascii
+
+    try:
+        pcm = base64.b64decode(msg["media"]["payload"], validate=True)
+    except (KeyError, TypeError, binascii.Error, ValueError):
+        return np.zeros(0, np.int16)
+    return np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2")
+
+
+def rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+
+
+def media_chunks(messages: list[tuple[float, dict]], rate: int) -> list[Chunk]:
+    """Every `media` message as (arrival, duration, RMS), in arrival order."""
+    out = []
+    for t, msg in messages:
+        if msg.get("event") == "media":
+            samples = decode_media(msg)
+            out.append(Chunk(t, len(samples) / rate, rms(samples)))
+    return out
+
+
+def clear_times(messages: list[tuple[float, dict]]) -> list[float]:
+    return [t for t, msg in messages if msg.get("event") == "clear"]
+
+
+def barge_in_latency(messages: list[tuple[float, dict]], onset: float) -> tuple[float | None, int]:
+    """(seconds from `onset` to the first `clear` at or after it, None if none came; clears before onset)."""
+    clears = clear_times(messages)
+    after = [t for t in clears if t >= onset]
+    return (after[0] - onset if after else None), len(clears) - len(after)
+
+
+def stale_chunks(chunks: list[Chunk], cleared: float, until: float) -> list[Chunk]:
+    """Non-silent chunks that arrived after the `clear` at `cleared` and before `until`."""
+    return [c for c in chunks if cleared < c.t < until and c.loud]
+
+
+def playout_gaps(messages: list[tuple[float, dict]], rate: int, tolerance: float = GAP_TOLERANCE) -> list[tuple[float, float]]:
+    """Underruns inside bot speech: (arrival, gap seconds) for each non-silent chunk that arrived more than
+    `tolerance` after the caller's playout of the previous chunk, itself non-silent, had run dry.
+
+    Playout: play_end = max(play_end, arrival) + duration. A `clear` cuts the playout at its arrival and
+    ends the speech run (audio after a clear is a new utterance, not a gap)."""
+    gaps = []
+    play_end: float | None = None
+    prev_loud = False
+    for t, msg in messages:
+        event = msg.get("event")
+        if event == "clear":
+            play_end = t if play_end is None else min(play_end, t)
+            prev_loud = False
+        elif event == "media":
+            samples = decode_media(msg)
+            loud = rms(samples) > SILENT_RMS
+            if loud and prev_loud and play_end is not None and t > play_end + tolerance:
+                gaps.append((t, t - play_end))
+            play_end = max(play_end if play_end is not None else t, t) + len(samples) / rate
+            prev_loud = loud
+    return gaps
+
+
+def first_audible(chunks: list[Chunk]) -> float | None:
+    """Arrival of the first non-silent chunk."""
+    return next((c.t for c in chunks if c.loud), None)
+
+
+def speech_span(chunks: list[Chunk]) -> tuple[float, float] | None:
+    """(first non-silent arrival, when the caller finishes playing the last non-silent chunk)."""
+    play_end = None
+    first = last = None
+    for c in chunks:
+        play_end = max(play_end if play_end is not None else c.t, c.t) + c.secs
+        if c.loud:
+            first = c.t if first is None else first
+            last = play_end
+    return None if first is None else (first, last)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p95 of fewer than 20 values is the maximum)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def pacer_onsets(recent_calls: list[dict], call_ids: set[str]) -> tuple[list[float], list[float]]:
+    """(first onset of each call = its greeting clip, every later onset) in ms, from /stats `recent_calls`."""
+    first, later = [], []
+    for call in recent_calls:
+        if call.get("call_id") not in call_ids:
+            continue
+        onsets = _processor_stats(call, "pacer", "onset_ms").get("onset_ms") or []
+        first += onsets[:1]
+        later += onsets[1:]
+    return first, later
+
+
+def _processor_stats(call: dict, name: str, key: str) -> dict:
+    """A processor's stats by its name, else the first processor's stats holding `key`."""
+    stats = call.get("stats") or {}
+    if isinstance(stats.get(name), dict):
+        return stats[name]
+    return next((s for s in stats.values() if isinstance(s, dict) and key in s), {})
+
+
+def sum_stat(recent_calls: list[dict], call_ids: set[str], name: str, key: str) -> float | None:
+    """Sum of processor `name`'s `key` over those finished calls; None if no call reported it."""
+    values = [_processor_stats(c, name, key).get(key) for c in recent_calls if c.get("call_id") in call_ids]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) if values else None
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def table(header: list[str], rows: list[list], first_width: int = 8) -> str:
+    widths = [max(len(str(v)) for v in col) for col in zip(header, *rows)]
+    widths = [max(first_width, widths[0])] + [max(w, 5) for w in widths[1:]]
+    lines = []
+    for row in [header, *rows]:
+        cells = [f"{row[0]!s:<{widths[0]}}"] + [f"{v!s:>{w}}" for v, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _block(title: str, notes: list[str], body: str) -> None:
+    print(f"\n### {title}\n")
+    for note in notes:
+        print(note)
+    if notes:
+        print()
+    print("```")
+    print(body)
+    print("```")
+
+
+# ---- running servers and calls -------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str  # "ours", "stock", "ours-handshake"
+    argv: list[str]
+    port: int
+    log: str
+    proc: object = None
+    utterance_end: float = 0.0  # nominal end of the bot's scripted utterance on the call timeline
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/exotel"
+
+    @property
+    def ours(self) -> bool:
+        return self.name.startswith("ours")
+
+
+@dataclass
+class Call:
+    server: str
+    part: str
+    calls: int
+    round: int
+    sid: str
+    result: object = None  # CallResult
+    error: str | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def our_yaml(path, engine: dict) -> None:
+    """configs/exotel.yaml with `engine.reference` replaced."""
+    import yaml
+
+    from pipelines.config import CONFIG_DIR
+
+    with open(CONFIG_DIR / "exotel.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["engine"]["reference"] = engine
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+def start(server: Server, root, env) -> None:
+    import subprocess
+
+    with open(server.log, "w") as log:
+        server.proc = subprocess.Popen(server.argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
+
+
+def wait_serving(server: Server, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(server.log, errors="replace") as f:
+            if any(line.startswith("serving ") for line in f):
+                return
+        if server.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    with open(server.log, errors="replace") as f:
+        tail = f.read()[-3000:]
+    raise RuntimeError(f"{server.name} server did not start (log {server.log}):\n{tail}")
+
+
+def stop_all(servers: list[Server]) -> None:
+    import subprocess
+
+    for s in servers:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.terminate()
+    for s in servers:
+        if s.proc is None:
+            continue
+        try:
+            s.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+            s.proc.wait(5)
+
+
+def get_stats(port: int) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def settle(server: Server, timeout: float = 15.0) -> dict | None:
+    """Wait until our server has no call left (its finished calls are then in `recent_calls`)."""
+    import asyncio
+
+    if not server.ours:
+        await asyncio.sleep(0.5)  # the stock server has no /stats
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s = await asyncio.to_thread(get_stats, server.port)
+        except OSError:
+            s = None
+        if s and s.get("calls_active") == 0 and s.get("connections") == 0 or time.monotonic() > deadline:
+            return s
+        await asyncio.sleep(0.1)
+
+
+async def run_round(server: Server, part: str, n: int, rnd: int, audio, seconds: float, args, rng) -> list[Call]:
+    import asyncio
+
+    from pipelines.caller import place_call
+
+    calls = [Call(server.name, part, n, rnd, f"bench-{server.name}-{part}-{n}x-r{rnd}-c{i}") for i in range(n)]
+    delays = rng.uniform(0, args.jitter_ms / 1000, n) if n > 1 else [0.0]
+
+    async def one(call: Call, delay: float):
+        await asyncio.sleep(delay)
+        try:
+            call.result = await place_call(server.url, audio, RATE, seconds=seconds, chunk_ms=args.chunk_ms,
+                                           call_sid=call.sid, stream_sid="MZ" + call.sid)
+            call.chunks = media_chunks(call.result.messages, RATE)
+        except Exception as exc:  # counted as a miss and printed
+            call.error = f"{type(exc).__name__}: {exc}"
+
+    await asyncio.gather(*(one(c, d) for c, d in zip(calls, delays)))
+    await settle(server)
+    return calls
+
+
+def _rounds(n: int, args) -> int:
+    return args.repeat if n == 1 else 1
+
+
+# ---- the bench ------------------------------------------------------------------------------------
+
+
+def machine_lines(argv: list[str]) -> list[str]:
+    import os
+    import platform
+    import shlex
+    from importlib.metadata import version
+
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    return [
+        f"machine: {os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, pipecat-ai {version('pipecat-ai')}",
+        f"command: python -m pipelines {shlex.join(argv)}",
+    ]
+
+
+def bench_conversation(args) -> int:
+    """Barge-in latency, stale chunks after clear, playout underruns and first audio: ours vs stock pipecat."""
+    import asyncio
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from loguru import logger
+
+    from pipelines.audio import read_wav
+    from pipelines.bench_stock import stock_server_command
+    from pipelines.config import CONFIG_DIR
+    from tests.fixtures import energy_onset, fixture_wav
+
+    logger.remove()  # the caller warns per chunk-rule violation; they are counted in the tables instead
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else ["bench", "conversation", "..."]
+    for line in machine_lines(argv):
+        print(line)
+    if args.speech_at < 2.5:
+        print(f"warning: --speech-at {args.speech_at} is below 2.5 s: Silero's onset latency depends on the silence before speech")
+
+    root = Path(__file__).resolve().parent.parent
+    clip = str(Path(args.clip).resolve()) if args.clip else str(CONFIG_DIR / "clips" / "apology.wav")
+    clip_secs = len(read_wav(clip, RATE)) / RATE
+    said, rate = fixture_wav(FIXTURE)
+    assert rate == RATE
+    preroll = np.zeros(round(args.speech_at * RATE), np.int16)
+    barge_audio = np.concatenate([preroll, said])
+    onset = (len(preroll) + energy_onset(said, RATE) * RATE * 20 // 1000) / RATE
+    silent = np.zeros(0, np.int16)
+    sessions = max(args.calls)
+    parts = [p for p in PARTS if p in args.only]
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-conversation-")
+    log_dir = Path(args.log_dir or tmp.name)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PERSONAPLEX_URL"}
+    env.setdefault("LOGURU_LEVEL", "INFO")  # our server's logs at INFO, like a deployment (stock: WARNING)
+
+    servers: list[Server] = []
+    if "ours" in args.servers and {"barge-in", "cadence"} & set(parts):
+        path = Path(tmp.name) / "ours.yaml"
+        our_yaml(path, {"mode": "script", "handshake_delay": HANDSHAKE, "sessions": sessions,
+                        "script": [{"at": SCRIPT_AT, "wav": clip}]})
+        port = free_port()
+        servers.append(Server("ours", [sys.executable, "-m", "pipelines", "run", str(path), "--host", "127.0.0.1",
+                                       "--port", str(port)], port, str(log_dir / "ours.log"),
+                              utterance_end=HANDSHAKE + SCRIPT_AT + clip_secs + STALE_MARGIN))
+    if "stock" in args.servers and {"barge-in", "cadence"} & set(parts):
+        port = free_port()
+        servers.append(Server("stock", stock_server_command(port, STOCK_SPEAK_AT, clip), port, str(log_dir / "stock.log"),
+                              utterance_end=STOCK_SPEAK_AT + clip_secs + STALE_MARGIN))
+    if "ours" in args.servers and "handshake" in parts:
+        path = Path(tmp.name) / "ours-handshake.yaml"
+        our_yaml(path, {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE, "sessions": sessions})
+        port = free_port()
+        servers.append(Server("ours-handshake", [sys.executable, "-m", "pipelines", "run", str(path), "--host",
+                                                 "127.0.0.1", "--port", str(port)], port, str(log_dir / "ours-handshake.log")))
+
+    print(f"scenario: 8 kHz Exotel calls, caller chunks {args.chunk_ms} ms; bot clip {Path(clip).name} ({clip_secs:.1f} s): "
+          f"ours = reference engine script at {SCRIPT_AT} s after a {HANDSHAKE} s handshake (exotel.yaml otherwise), "
+          f"stock = bench_stock --speak-at {STOCK_SPEAK_AT}; caller speech ({FIXTURE}) from {args.speech_at:.1f} s, "
+          f"energy onset at {onset:.2f} s; calls {args.call_secs:.1f} s; 1-call case x{args.repeat}, concurrent cases x1")
+    if not servers:
+        print("nothing to run")
+        return 0
+
+    rng = np.random.default_rng(args.seed)
+    done: list[Call] = []
+    recent: dict[str, list[dict]] = {}
+    t_start = time.monotonic()
+
+    async def run() -> None:
+        for part in parts:
+            for n in args.calls:
+                for server in servers:
+                    if (part == "handshake") != (server.name == "ours-handshake"):
+                        continue
+                    for rnd in range(_rounds(n, args)):
+                        if part == "barge-in":
+                            done.extend(await run_round(server, part, n, rnd, barge_audio, args.call_secs, args, rng))
+                        elif part == "cadence":
+                            done.extend(await run_round(server, part, n, rnd, silent, args.call_secs, args, rng))
+                        else:
+                            done.extend(await run_round(server, part, n, rnd, silent, HANDSHAKE_CALL_SECS, args, rng))
+                    if server.ours:  # /stats keeps the last 50 finished calls: read them after every case
+                        stats = await settle(server) or {}
+                        if "recent_calls" in stats:
+                            have = recent.get(server.name) or []
+                            seen = {c.get("call_id") for c in have}
+                            recent[server.name] = have + [c for c in stats["recent_calls"] if c.get("call_id") not in seen]
+                        else:
+                            recent.setdefault(server.name, None)
+
+    try:
+        for s in servers:
+            start(s, root, env)
+        for s in servers:
+            wait_serving(s)
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all(servers)
+        if args.log_dir is None:
+            tmp.cleanup()
+    print(f"ran {len(done)} calls in {time.monotonic() - t_start:.0f} s")
+    report(done, servers, recent, onset, args)
+    return 0
+
+
+def _select(done: list[Call], server: str, part: str, n: int) -> list[Call]:
+    return [c for c in done if c.server == server and c.part == part and c.calls == n]
+
+
+def report(done: list[Call], servers: list[Server], recent: dict, onset: float, args) -> None:
+    by_name = {s.name: s for s in servers}
+    errors = [c for c in done if c.error]
+    for c in errors[:10]:
+        print(f"call {c.sid} failed: {c.error}")
+
+    if any(c.part == "barge-in" for c in done):
+        lat_rows, stale_rows, detail = [], [], []
+        for n in args.calls:
+            for name in ("ours", "stock"):
+                calls = _select(done, name, "barge-in", n)
+                if not calls:
+                    continue
+                lats, early, stale, stale_calls = [], 0, 0, 0
+                for c in calls:
+                    if c.result is None:
+                        continue
+                    lat, before = barge_in_latency(c.result.messages, onset)
+                    early += before
+                    if lat is None:
+                        detail.append(f"{c.sid}: no clear after onset ({c.result.clears} clears, {len(c.chunks)} media)")
+                        continue
+                    lats.append(lat)
+                    late = stale_chunks(c.chunks, onset + lat, by_name[name].utterance_end)
+                    stale += len(late)
+                    stale_calls += bool(late)
+                    if late:
+                        detail.append(f"{c.sid}: clear at {onset + lat:.3f} s, stale at "
+                                      + ", ".join(f"{s.t:.3f} s ({s.secs * 1000:.0f} ms, rms {s.rms:.0f})" for s in late[:6]))
+                miss = len(calls) - len(lats)
+                lat_rows.append([name, n, len(calls), miss, early, _ms(percentile(lats, 50)), _ms(percentile(lats, 95)),
+                                 _ms(max(lats) if lats else None)])
+                stale_rows.append([name, n, len(lats), stale, stale_calls, f"{by_name[name].utterance_end:.1f}"])
+        _block("Barge-in: caller speech onset -> `clear` at the caller",
+               [f"Caller chunks {args.chunk_ms} ms; onset at {onset:.2f} s after {args.speech_at:.1f} s of silence; "
+                "ms on the caller's timeline (includes uplink chunking); p95 nearest-rank. "
+                "miss: no `clear` after onset; early: `clear`s before onset."],
+               table(["server", "calls", "n", "miss", "early", "p50 ms", "p95 ms", "max ms"], lat_rows))
+        _block("Stale audio after `clear`",
+               [f"Media messages with RMS > {SILENT_RMS:.0f} received after the barge-in `clear` and before the "
+                "interrupted utterance would have ended (its nominal end + "
+                f"{STALE_MARGIN} s, column `until s`)."],
+               table(["server", "calls", "cleared", "stale chunks", "calls with stale", "until s"], stale_rows))
+        for line in detail[:20]:
+            print(line)
+
+    if any(c.part in ("cadence", "handshake") for c in done):
+        rows, detail = [], []
+        for part, names in (("cadence", ("ours", "stock")), ("handshake", ("ours-handshake",))):
+            for n in args.calls:
+                for name in names:
+                    calls = [c for c in _select(done, name, part, n) if c.result is not None]
+                    if not calls:
+                        continue
+                    gaps = []
+                    spans, speech, violations, chunk_ms = [], 0.0, 0, set()
+                    for c in calls:
+                        g = playout_gaps(c.result.messages, RATE)
+                        gaps += g
+                        if g:
+                            detail.append(f"{c.sid}: gaps at " + ", ".join(f"{t:.3f} s ({s * 1000:.0f} ms)" for t, s in g[:8]))
+                        span = speech_span(c.chunks)
+                        if span:
+                            spans.append(span)
+                        speech += sum(ch.secs for ch in c.chunks if ch.loud)
+                        violations += len(c.result.violations)
+                        chunk_ms |= {round(ch.secs * 1000) for ch in c.chunks}
+                    label = "ours (3 s handshake, greeting)" if part == "handshake" else name
+                    sizes = "/".join(str(s) for s in sorted(chunk_ms)[:3]) + ("/..." if len(chunk_ms) > 3 else "")
+                    rows.append([label, n, len(calls), f"{speech:.1f}",
+                                 f"{np.median([s[0] for s in spans]):.2f}-{np.median([s[1] for s in spans]):.2f}" if spans else "-",
+                                 sizes, len(gaps), f"{sum(s for _, s in gaps) * 1000:.0f}", violations])
+        _block("Output cadence: underruns in the caller's playout inside bot speech",
+               ["Caller silent. Playout end = max(previous end, arrival) + chunk length; an underrun is a non-silent chunk "
+                f"arriving > {GAP_TOLERANCE * 1000:.0f} ms after the previous non-silent chunk's playout ended. "
+                "speech s: non-silent audio received (all calls); span: median first non-silent arrival - playout end; "
+                "violations: Exotel chunk-rule breaches the caller saw (multiple of 320 B, >= 3200 B, <= 100 kB)."],
+               table(["server", "calls", "n", "speech s", "span s", "chunk ms", "underruns", "gap ms", "violations"], rows,
+                     first_width=30))
+        for line in detail[:20]:
+            print(line)
+        bad = [v for c in done if c.result is not None and c.server.startswith("ours") for v in c.result.violations]
+        for v in bad[:5]:
+            print(f"ours violation: {v}")
+
+    hs = [c for c in done if c.part == "handshake" and c.result is not None]
+    if hs:
+        rows = []
+        for n in args.calls:
+            calls = [c for c in hs if c.calls == n]
+            firsts = [first_audible(c.chunks) for c in calls]
+            got = [t for t in firsts if t is not None]
+            p95 = percentile(got, 95)
+            ok = "yes" if p95 is not None and len(got) == len(calls) and p95 * 1000 <= TARGET_FIRST_AUDIO_MS else "no"
+            rows.append(["ours", n, len(calls), len(calls) - len(got), _ms(percentile(got, 50)), _ms(p95),
+                         _ms(max(got) if got else None), ok])
+        _block(f"First audible audio with a {SLOW_HANDSHAKE:.0f} s engine handshake",
+               [f"Reference engine in echo mode with handshake_delay {SLOW_HANDSHAKE}; `start` sent -> first media with "
+                f"RMS > {SILENT_RMS:.0f} at the caller (the holding greeting). Stock pipecat has no engine handshake "
+                "(its bot is in-process), so there is no stock row."],
+               table(["server", "calls", "n", "silent", "p50 ms", "p95 ms", "max ms", f"<= {TARGET_FIRST_AUDIO_MS} ms"], rows))
+
+    ours_names = [name for name in ("ours", "ours-handshake") if name in recent]
+    if ours_names:
+        rows, missing = [], []
+        for name in ours_names:
+            calls_stats = recent[name]
+            if calls_stats is None:
+                missing.append(name)
+                continue
+            for part in PARTS:
+                for n in args.calls:
+                    ids = {c.sid for c in done if c.server == name and c.part == part and c.calls == n}
+                    if not ids:
+                        continue
+                    found = {c.get("call_id") for c in calls_stats} & ids
+                    greet, later = pacer_onsets(calls_stats, ids)
+                    underruns = sum_stat(calls_stats, ids, "pacer", "underruns")
+                    under_secs = sum_stat(calls_stats, ids, "pacer", "underrun_secs")
+                    refused = sum_stat(calls_stats, ids, "output", "stale_chunks_refused")
+                    rows.append([part, n, f"{len(found)}/{len(ids)}",
+                                 "/".join(f"{v:.0f}" if v is not None else "-" for v in (percentile(greet, 50), percentile(greet, 95), max(greet, default=None))),
+                                 "/".join(f"{v:.0f}" if v is not None else "-" for v in (percentile(later, 50), percentile(later, 95), max(later, default=None))),
+                                 "-" if underruns is None else f"{underruns:.0f}",
+                                 "-" if under_secs is None else f"{under_secs * 1000:.0f}",
+                                 "-" if refused is None else f"{refused:.0f}"])
+        if rows:
+            _block("Ours, server side: holding clip onset and pacer/output counters (GET /stats `recent_calls`)",
+                   ["onset: ms from an utterance's TTSStartedFrame reaching the pacer to its first chunk sent (pacer "
+                    "`onset_ms`); a call's first onset is its greeting clip, later ones model utterances. "
+                    "p50/p95/max. underruns: the pacer's own count and ms; refused: chunks older than the last "
+                    "`clear` that the output refused (`stale_chunks_refused`)."],
+                   table(["part", "calls", "stats", "greeting onset ms", "later onsets ms", "pacer underruns",
+                          "underrun ms", "refused"], rows))
+        for name in missing:
+            print(f"\n{name}: GET /stats has no `recent_calls` yet: holding onsets and server counters not reported")
