@@ -50,6 +50,7 @@ def add_parser(subparsers):
     p.add_argument("--jitter-ms", type=float, default=20.0, help="random stagger of call starts within a round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", help="keep the servers' logs here (default: a temporary directory)")
+    p.add_argument("--timeline", action="store_true", help="print each call's clears and runs of non-silent chunks")
     return p
 
 
@@ -131,6 +132,19 @@ def playout_gaps(messages: list[tuple[float, dict]], rate: int, tolerance: float
             play_end = max(play_end if play_end is not None else t, t) + len(samples) / rate
             prev_loud = loud
     return gaps
+
+
+def loud_runs(chunks: list[Chunk]) -> list[tuple[float, float]]:
+    """(first arrival, last arrival + its length) of each run of consecutive non-silent chunks."""
+    runs: list[tuple[float, float]] = []
+    in_run = False
+    for c in chunks:
+        if c.loud and in_run:
+            runs[-1] = (runs[-1][0], c.t + c.secs)
+        elif c.loud:
+            runs.append((c.t, c.t + c.secs))
+        in_run = c.loud
+    return runs
 
 
 def first_audible(chunks: list[Chunk]) -> float | None:
@@ -388,12 +402,13 @@ def bench_conversation(args) -> int:
 
     from loguru import logger
 
+    logger.remove()  # before pipecat's import-time banner; the caller's per-chunk warnings are counted in the tables
+
     from pipelines.audio import read_wav
     from pipelines.bench_stock import stock_server_command
     from pipelines.config import CONFIG_DIR
     from tests.fixtures import energy_onset, fixture_wav
 
-    logger.remove()  # the caller warns per chunk-rule violation; they are counted in the tables instead
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else ["bench", "conversation", "..."]
     for line in machine_lines(argv):
         print(line)
@@ -503,6 +518,14 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
     errors = [c for c in done if c.error]
     for c in errors[:10]:
         print(f"call {c.sid} failed: {c.error}")
+    if args.timeline:
+        print("\ntimelines (s on the caller's timeline): clears; runs of non-silent chunks (arrival of the first - "
+              "arrival + length of the last)")
+        for c in done:
+            if c.result is not None:
+                runs = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in loud_runs(c.chunks))
+                clears = ", ".join(f"{t:.3f}" for t in clear_times(c.result.messages))
+                print(f"{c.sid}: clears [{clears}]; audible {runs}")
 
     if any(c.part == "barge-in" for c in done):
         lat_rows, stale_rows, detail = [], [], []

@@ -144,7 +144,7 @@ class HoldingProcessor(FrameProcessor):
             await self._on_failure()
         elif isinstance(frame, StartFrame):
             await self.push_frame(frame, direction)
-                if self._params.prompt_clip:
+            if self._params.prompt_clip:
                 self._prompt_task = self.create_task(self._prompt_phase(), name="holding-prompt")
             return
         elif isinstance(frame, (EndFrame, CancelFrame)):

@@ -1,51 +1,26 @@
 """The stock pipecat baseline (pipelines/bench_stock.py), dialled by the simulated Exotel caller: the
 caller talks over the bot and stock pipecat answers with `clear`. Ordering facts only, no timings."""
 
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.bench_stock import stock_server_command
 from pipelines.caller import place_call
+from pipelines.launch import free_port, launched
 from tests.fixtures import energy_onset, fixture_wav
 
-ROOT = Path(__file__).resolve().parents[2]
 SPEECH_AT = 2.5  # the caller starts talking here; the bot speaks from 1.0 s for about 6 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def stock_url():
     port = free_port()
-    proc = subprocess.Popen(stock_server_command(port, 1.0, None), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("serving "):
-            break
-    if proc.poll() is not None or not lines or not lines[-1].startswith("serving "):
-        proc.kill()
-        pytest.fail("stock server did not start:\n" + "".join(lines))
-    yield f"ws://127.0.0.1:{port}/exotel"
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with launched(stock_server_command(port, 1.0, None), port) as srv:
+            yield srv.url()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 async def test_caller_talking_over_the_stock_bot_gets_a_clear(stock_url):

@@ -4,59 +4,28 @@ simulated Exotel caller over loopback with a real speech recording."""
 import asyncio
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import websockets
 
 from pipelines.caller import place_call
+from pipelines.launch import free_port, launched, run_command
 from tests.speech import speech
 
-ROOT = Path(__file__).resolve().parents[2]
 RATE = 8000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PERSONAPLEX_URL"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "run", "exotel.yaml", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("serving "):
-            break
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + "".join(lines))
-    if proc.poll() is not None:
-        pytest.fail("server exited:\n" + "".join(lines))
-    yield {"port": port, "url": f"ws://127.0.0.1:{port}/exotel", "proc": proc, "startup": "".join(lines)}
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with launched(run_command("exotel.yaml", port), port) as srv:
+            yield {"port": port, "url": srv.url(), "proc": srv.proc, "startup": srv.startup}
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def stats(port) -> dict:

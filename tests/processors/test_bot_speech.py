@@ -117,10 +117,10 @@ async def test_speech_gives_one_pair_around_its_audio(cls):
     assert brackets(down) == [("TTSStartedFrame", "bot-1"), ("TTSStoppedFrame", "bot-1")]
     started, stopped = [f for f in down if isinstance(f, (TTSStartedFrame, TTSStoppedFrame))]
     assert audio_before(down, started) == loud[0]  # right before the first frame with a loud window
-    # stopped once hangover_secs of quiet audio followed the last loud frame, not a frame later
-    quiet_frames = audio_before(down, stopped) - (loud[-1] + 1)
-    assert quiet_frames * 0.08 < HANGOVER + 0.08
-    assert (quiet_frames + 1) * 0.08 >= HANGOVER  # the frame it precedes completes the hangover
+    # stopped right before the frame whose windows complete hangover_secs of quiet after the last loud window
+    windows = loud_windows(np.frombuffer(b"".join(f.audio for f in sent), np.int16))
+    last_loud = int(np.flatnonzero(windows)[-1])
+    assert audio_before(down, stopped) == (last_loud + round(HANGOVER / 0.02)) // (FRAME // WINDOW)
     assert_audio_kept(down, sent)
     assert [f.audio for f in audio_of(down)] == [f.audio for f in sent]
 
@@ -185,7 +185,7 @@ async def test_interruption_mid_utterance_stops_mutes_the_rest_and_drops_its_tex
     quiet = frames_of(silence(1.0))
     again_text = TTSTextFrame(text="Sorry", text_type="word")
     again = frames_of(np.concatenate([word(), silence(1.0)]))
-    assert loud_frames(rest)[-1] == len(rest) - 1 or loud_frames(rest)  # the rest is still speech
+    assert len(loud_frames(rest)) > len(rest) // 2  # the rest is still speech
     interruption = InterruptionFrame()
     sent = head + [SleepFrame(0.3), interruption, SleepFrame(0.3)] + rest_with_text + quiet + [again_text] + again
 
@@ -209,7 +209,6 @@ async def test_interruption_mid_utterance_stops_mutes_the_rest_and_drops_its_tex
     muted = out[len(head) : len(head) + len(rest)]
     assert all(f.audio == bytes(len(f.audio)) for f in muted)
     assert all(type(f) is SpeechOutputAudioRawFrame for f in muted)
-    assert any(np.frombuffer(f.audio, np.int16).any() for f in rest)  # and it really was speech
     # its text is dropped; the next utterance's text passes
     assert [f.text for f in down if isinstance(f, TTSTextFrame)] == ["Sorry"]
     assert bot.stats["text_dropped"] == len(rest_texts)
