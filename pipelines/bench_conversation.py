@@ -236,7 +236,6 @@ class Server:
     argv: list[str]
     port: int
     log: str
-    proc: object = None
     utterance_end: float = 0.0  # nominal end of the bot's scripted utterance on the call timeline
 
     @property
@@ -260,14 +259,6 @@ class Call:
     chunks: list[Chunk] = field(default_factory=list)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def our_yaml(path, engine: dict) -> None:
     """configs/exotel.yaml with `engine.reference` replaced."""
     import yaml
@@ -281,42 +272,17 @@ def our_yaml(path, engine: dict) -> None:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def start(server: Server, root, env) -> None:
-    import subprocess
+def keep_log(launched, path: str) -> None:
+    """Drain the server's output into `path` so its pipe never fills and blocks it."""
+    import threading
 
-    with open(server.log, "w") as log:
-        server.proc = subprocess.Popen(server.argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+    def drain():
+        with open(path, "a", errors="replace") as log:
+            log.write(launched.startup)
+            for line in launched.proc.stdout:
+                log.write(line)
 
-
-def wait_serving(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(server.log, errors="replace") as f:
-            if any(line.startswith("serving ") for line in f):
-                return
-        if server.proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    with open(server.log, errors="replace") as f:
-        tail = f.read()[-3000:]
-    raise RuntimeError(f"{server.name} server did not start (log {server.log}):\n{tail}")
-
-
-def stop_all(servers: list[Server]) -> None:
-    import subprocess
-
-    for s in servers:
-        if s.proc is not None and s.proc.poll() is None:
-            s.proc.terminate()
-    for s in servers:
-        if s.proc is None:
-            continue
-        try:
-            s.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            s.proc.kill()
-            s.proc.wait(5)
+    threading.Thread(target=drain, name=f"log-{path}", daemon=True).start()
 
 
 def get_stats(port: int) -> dict:
@@ -395,6 +361,7 @@ def machine_lines(argv: list[str]) -> list[str]:
 def bench_conversation(args) -> int:
     """Barge-in latency, stale chunks after clear, playout underruns and first audio: ours vs stock pipecat."""
     import asyncio
+    import contextlib
     import os
     import sys
     import tempfile
@@ -407,6 +374,7 @@ def bench_conversation(args) -> int:
     from pipelines.audio import read_wav
     from pipelines.bench_stock import stock_server_command
     from pipelines.config import CONFIG_DIR
+    from pipelines.launch import free_port, launched, run_command
     from tests.fixtures import energy_onset, fixture_wav
 
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else ["bench", "conversation", "..."]
@@ -415,7 +383,6 @@ def bench_conversation(args) -> int:
     if args.speech_at < 2.5:
         print(f"warning: --speech-at {args.speech_at} is below 2.5 s: Silero's onset latency depends on the silence before speech")
 
-    root = Path(__file__).resolve().parent.parent
     clip = str(Path(args.clip).resolve()) if args.clip else str(CONFIG_DIR / "clips" / "apology.wav")
     clip_secs = len(read_wav(clip, RATE)) / RATE
     said, rate = fixture_wav(FIXTURE)
@@ -439,8 +406,7 @@ def bench_conversation(args) -> int:
         our_yaml(path, {"mode": "script", "handshake_delay": HANDSHAKE, "sessions": sessions,
                         "script": [{"at": SCRIPT_AT, "wav": clip}]})
         port = free_port()
-        servers.append(Server("ours", [sys.executable, "-m", "pipelines", "run", str(path), "--host", "127.0.0.1",
-                                       "--port", str(port)], port, str(log_dir / "ours.log"),
+        servers.append(Server("ours", run_command(path, port), port, str(log_dir / "ours.log"),
                               utterance_end=HANDSHAKE + SCRIPT_AT + clip_secs + STALE_MARGIN))
     if "stock" in args.servers and {"barge-in", "cadence"} & set(parts):
         port = free_port()
@@ -450,8 +416,7 @@ def bench_conversation(args) -> int:
         path = Path(tmp.name) / "ours-handshake.yaml"
         our_yaml(path, {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE, "sessions": sessions})
         port = free_port()
-        servers.append(Server("ours-handshake", [sys.executable, "-m", "pipelines", "run", str(path), "--host",
-                                                 "127.0.0.1", "--port", str(port)], port, str(log_dir / "ours-handshake.log")))
+        servers.append(Server("ours-handshake", run_command(path, port), port, str(log_dir / "ours-handshake.log")))
 
     print(f"scenario: 8 kHz Exotel calls, caller chunks {args.chunk_ms} ms; bot clip {Path(clip).name} ({clip_secs:.1f} s): "
           f"ours = reference engine script at {SCRIPT_AT} s after a {HANDSHAKE} s handshake (exotel.yaml otherwise), "
@@ -489,11 +454,10 @@ def bench_conversation(args) -> int:
                             recent.setdefault(server.name, None)
 
     try:
-        for s in servers:
-            start(s, root, env)
-        for s in servers:
-            wait_serving(s)
-        asyncio.run(run())
+        with contextlib.ExitStack() as stack:  # every server is terminated on the way out, Ctrl-C included
+            for server in servers:
+                keep_log(stack.enter_context(launched(server.argv, server.port, env=env, timeout=120)), server.log)
+            asyncio.run(run())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -501,7 +465,6 @@ def bench_conversation(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        stop_all(servers)
         if args.log_dir is None:
             tmp.cleanup()
     print(f"ran {len(done)} calls in {time.monotonic() - t_start:.0f} s")
