@@ -10,12 +10,19 @@ the provider's uplink chunking, both WebSockets and the server's whole pipeline.
   0.5 s handshake; stock: `--speak-at 1.5`, same clip); the caller is silent, then says
   tests/fixtures/interrupt_8k.wav from `--speech-at`. Latency = energy onset of that speech -> the
   first `clear` the caller receives. Stale = non-silent media received after that `clear` until the
-  interrupted utterance would have ended.
-- cadence: the same bots, the caller stays silent: gaps in the caller's playout inside bot speech.
+  interrupted utterance would have ended (as timed by the cadence calls).
+- cadence (run first): the same bots, the caller stays silent: gaps in the caller's playout inside
+  bot speech, Exotel chunk-rule violations.
 - handshake: ours only, engine handshake 3 s (echo mode): `start` -> first non-silent media.
-- holding onset: ours only, server side, from GET /stats `recent_calls` (pacer `onset_ms`).
+- holding onset: ours only, server side, from GET /stats `recent_calls` (pacer `onset_ms`), with the
+  pacer's underruns and the output's refused stale chunks.
+- CPU: each server process's CPU over the rounds (/proc), to tell a slow pipeline from a saturated loop.
+
+Our server embeds the reference engine unless `--engine-process` runs it as its own process (as a
+remote PersonaPlex would be); it logs at INFO (LOGURU_LEVEL), stock pipecat at WARNING.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,15 +38,17 @@ HANDSHAKE = 0.5  # ...which starts after this handshake
 STOCK_SPEAK_AT = 1.5  # the stock bot speaks this long after its pipeline starts
 SLOW_HANDSHAKE = 3.0
 HANDSHAKE_CALL_SECS = 5.0  # the greeting (4.6 s) plays out within the call
-STALE_MARGIN = 0.5  # the stale window runs this long past the utterance's nominal end
+STALE_MARGIN = 0.5  # the stale window runs this long past the end of bot speech in the silent calls
 TARGET_FIRST_AUDIO_MS = 300
 PARTS = ("barge-in", "cadence", "handshake")
+RUN_ORDER = ("cadence", "barge-in", "handshake")  # the silent calls first: they time the uninterrupted utterance
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("conversation", help=bench_conversation.__doc__, description=bench_conversation.__doc__)
     p.add_argument("--calls", type=int, nargs="+", default=[1, 10], help="concurrent calls per round (default: 1 10)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds of the 1-call case (concurrent cases run one round)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds of the 1-call barge-in and handshake cases (everything else runs one round)")
     p.add_argument("--chunk-ms", type=int, default=20,
                    help="caller uplink chunk, ms (20: pipecat's own measurement; Exotel streams ~100)")
     p.add_argument("--speech-at", type=float, default=4.0, help="seconds of silence before the caller barges in (>= 2.5)")
@@ -51,6 +60,9 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", help="keep the servers' logs here (default: a temporary directory)")
     p.add_argument("--timeline", action="store_true", help="print each call's clears and runs of non-silent chunks")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run our reference engine as its own process (engine.url), as a remote PersonaPlex would be, "
+                        "instead of embedded in our server's event loop")
     return p
 
 
@@ -236,7 +248,9 @@ class Server:
     argv: list[str]
     port: int
     log: str
-    utterance_end: float = 0.0  # nominal end of the bot's scripted utterance on the call timeline
+    pid: int | None = None
+    engine_argv: list[str] | None = None  # --engine-process: the reference engine our server dials
+    engine_pid: int | None = None
 
     @property
     def url(self) -> str:
@@ -259,8 +273,8 @@ class Call:
     chunks: list[Chunk] = field(default_factory=list)
 
 
-def our_yaml(path, engine: dict) -> None:
-    """configs/exotel.yaml with `engine.reference` replaced."""
+def our_yaml(path, engine: dict, url: str | None = None) -> None:
+    """configs/exotel.yaml with `engine.reference` replaced (and `engine.url` set when given)."""
     import yaml
 
     from pipelines.config import CONFIG_DIR
@@ -268,21 +282,66 @@ def our_yaml(path, engine: dict) -> None:
     with open(CONFIG_DIR / "exotel.yaml") as f:
         cfg = yaml.safe_load(f)
     cfg["engine"]["reference"] = engine
+    if url:
+        cfg["engine"]["url"] = url
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def keep_log(launched, path: str) -> None:
-    """Drain the server's output into `path` so its pipe never fills and blocks it."""
+def keep_log(proc, startup: str, path: str) -> None:
+    """Drain a child's output into `path` so its pipe never fills and blocks it."""
     import threading
 
     def drain():
         with open(path, "a", errors="replace") as log:
-            log.write(launched.startup)
-            for line in launched.proc.stdout:
+            log.write(startup)
+            for line in proc.stdout:
                 log.write(line)
 
     threading.Thread(target=drain, name=f"log-{path}", daemon=True).start()
+
+
+def engine_command(port: int, options: dict) -> list[str]:
+    """`python -m pipelines engine` (no TLS) with the options our YAML would give the embedded engine."""
+    import sys
+
+    argv = [sys.executable, "-m", "pipelines", "engine", "--host", "127.0.0.1", "--port", str(port), "--no-tls",
+            "--mode", options["mode"], "--handshake-delay", str(options["handshake_delay"]),
+            "--sessions", str(options["sessions"])]
+    for line in options.get("script", []):
+        argv += ["--say", f"{line['at']}:{line['wav']}"]
+    return argv
+
+
+@contextlib.contextmanager
+def engine_launched(argv: list[str], env: dict, log: str, timeout: float = 60.0):
+    """The reference engine as a child process, until the block exits; it is ready once it prints its URL."""
+    import subprocess
+
+    from pipelines.launch import ROOT
+
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("ws://"):
+                break
+        if not lines or not lines[-1].startswith("ws://"):
+            raise RuntimeError(f"{' '.join(argv)} did not start:\n" + "".join(lines))
+        keep_log(proc, "".join(lines), log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def get_stats(port: int) -> dict:
@@ -311,7 +370,20 @@ async def settle(server: Server, timeout: float = 15.0) -> dict | None:
         await asyncio.sleep(0.1)
 
 
-async def run_round(server: Server, part: str, n: int, rnd: int, audio, seconds: float, args, rng) -> list[Call]:
+def process_cpu_secs(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc), None if unknown."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+async def run_round(server: Server, part: str, n: int, rnd: int, audio, seconds: float, args, rng,
+                    loads: list[dict]) -> list[Call]:
     import asyncio
 
     from pipelines.caller import place_call
@@ -328,13 +400,21 @@ async def run_round(server: Server, part: str, n: int, rnd: int, audio, seconds:
         except Exception as exc:  # counted as a miss and printed
             call.error = f"{type(exc).__name__}: {exc}"
 
+    cpu0, own0, t0 = process_cpu_secs(server.pid), time.process_time(), time.monotonic()
+    engine0 = process_cpu_secs(server.engine_pid) if server.engine_pid else None
     await asyncio.gather(*(one(c, d) for c, d in zip(calls, delays)))
     await settle(server)
+    cpu1, own1, wall = process_cpu_secs(server.pid), time.process_time(), time.monotonic() - t0
+    engine1 = process_cpu_secs(server.engine_pid) if server.engine_pid else None
+    loads.append({"server": server.name, "part": part, "calls": n, "wall": wall, "bench_cpu": own1 - own0,
+                  "server_cpu": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+                  "engine_cpu": None if engine0 is None or engine1 is None else engine1 - engine0})
     return calls
 
 
-def _rounds(n: int, args) -> int:
-    return args.repeat if n == 1 else 1
+def _rounds(part: str, n: int, args) -> int:
+    """--repeat rounds of a single barge-in or handshake call; one round of everything else."""
+    return args.repeat if n == 1 and part != "cadence" else 1
 
 
 # ---- the bench ------------------------------------------------------------------------------------
@@ -361,8 +441,8 @@ def machine_lines(argv: list[str]) -> list[str]:
 def bench_conversation(args) -> int:
     """Barge-in latency, stale chunks after clear, playout underruns and first audio: ours vs stock pipecat."""
     import asyncio
-    import contextlib
     import os
+    import signal
     import sys
     import tempfile
     from pathlib import Path
@@ -392,7 +472,7 @@ def bench_conversation(args) -> int:
     onset = (len(preroll) + energy_onset(said, RATE) * RATE * 20 // 1000) / RATE
     silent = np.zeros(0, np.int16)
     sessions = max(args.calls)
-    parts = [p for p in PARTS if p in args.only]
+    parts = [p for p in RUN_ORDER if p in args.only]
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-conversation-")
     log_dir = Path(args.log_dir or tmp.name)
@@ -401,33 +481,39 @@ def bench_conversation(args) -> int:
     env.setdefault("LOGURU_LEVEL", "INFO")  # our server's logs at INFO, like a deployment (stock: WARNING)
 
     servers: list[Server] = []
-    if "ours" in args.servers and {"barge-in", "cadence"} & set(parts):
-        path = Path(tmp.name) / "ours.yaml"
-        our_yaml(path, {"mode": "script", "handshake_delay": HANDSHAKE, "sessions": sessions,
-                        "script": [{"at": SCRIPT_AT, "wav": clip}]})
+
+    def ours(name: str, engine: dict) -> Server:
+        path = Path(tmp.name) / f"{name}.yaml"
+        engine_argv, url = None, None
+        if args.engine_process:
+            engine_port = free_port()
+            engine_argv, url = engine_command(engine_port, engine), f"ws://127.0.0.1:{engine_port}"
+        our_yaml(path, engine, url)
         port = free_port()
-        servers.append(Server("ours", run_command(path, port), port, str(log_dir / "ours.log"),
-                              utterance_end=HANDSHAKE + SCRIPT_AT + clip_secs + STALE_MARGIN))
+        return Server(name, run_command(path, port), port, str(log_dir / f"{name}.log"), engine_argv=engine_argv)
+
+    if "ours" in args.servers and {"barge-in", "cadence"} & set(parts):
+        servers.append(ours("ours", {"mode": "script", "handshake_delay": HANDSHAKE, "sessions": sessions,
+                                     "script": [{"at": SCRIPT_AT, "wav": clip}]}))
     if "stock" in args.servers and {"barge-in", "cadence"} & set(parts):
         port = free_port()
-        servers.append(Server("stock", stock_server_command(port, STOCK_SPEAK_AT, clip), port, str(log_dir / "stock.log"),
-                              utterance_end=STOCK_SPEAK_AT + clip_secs + STALE_MARGIN))
+        servers.append(Server("stock", stock_server_command(port, STOCK_SPEAK_AT, clip), port, str(log_dir / "stock.log")))
     if "ours" in args.servers and "handshake" in parts:
-        path = Path(tmp.name) / "ours-handshake.yaml"
-        our_yaml(path, {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE, "sessions": sessions})
-        port = free_port()
-        servers.append(Server("ours-handshake", run_command(path, port), port, str(log_dir / "ours-handshake.log")))
+        servers.append(ours("ours-handshake", {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE, "sessions": sessions}))
 
     print(f"scenario: 8 kHz Exotel calls, caller chunks {args.chunk_ms} ms; bot clip {Path(clip).name} ({clip_secs:.1f} s): "
-          f"ours = reference engine script at {SCRIPT_AT} s after a {HANDSHAKE} s handshake (exotel.yaml otherwise), "
+          f"ours = reference engine ({'own process' if args.engine_process else 'embedded'}) script at {SCRIPT_AT} s "
+          f"after a {HANDSHAKE} s handshake (exotel.yaml otherwise), "
           f"stock = bench_stock --speak-at {STOCK_SPEAK_AT}; caller speech ({FIXTURE}) from {args.speech_at:.1f} s, "
-          f"energy onset at {onset:.2f} s; calls {args.call_secs:.1f} s; 1-call case x{args.repeat}, concurrent cases x1")
+          f"energy onset at {onset:.2f} s; calls {args.call_secs:.1f} s; 1-call barge-in/handshake x{args.repeat}, "
+          "other cases x1")
     if not servers:
         print("nothing to run")
         return 0
 
     rng = np.random.default_rng(args.seed)
     done: list[Call] = []
+    loads: list[dict] = []
     recent: dict[str, list[dict]] = {}
     t_start = time.monotonic()
 
@@ -437,13 +523,13 @@ def bench_conversation(args) -> int:
                 for server in servers:
                     if (part == "handshake") != (server.name == "ours-handshake"):
                         continue
-                    for rnd in range(_rounds(n, args)):
+                    for rnd in range(_rounds(part, n, args)):
                         if part == "barge-in":
-                            done.extend(await run_round(server, part, n, rnd, barge_audio, args.call_secs, args, rng))
+                            done.extend(await run_round(server, part, n, rnd, barge_audio, args.call_secs, args, rng, loads))
                         elif part == "cadence":
-                            done.extend(await run_round(server, part, n, rnd, silent, args.call_secs, args, rng))
+                            done.extend(await run_round(server, part, n, rnd, silent, args.call_secs, args, rng, loads))
                         else:
-                            done.extend(await run_round(server, part, n, rnd, silent, HANDSHAKE_CALL_SECS, args, rng))
+                            done.extend(await run_round(server, part, n, rnd, silent, HANDSHAKE_CALL_SECS, args, rng, loads))
                     if server.ours:  # /stats keeps the last 50 finished calls: read them after every case
                         stats = await settle(server) or {}
                         if "recent_calls" in stats:
@@ -453,10 +539,19 @@ def bench_conversation(args) -> int:
                         else:
                             recent.setdefault(server.name, None)
 
+    def terminated(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the servers are stopped too
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         with contextlib.ExitStack() as stack:  # every server is terminated on the way out, Ctrl-C included
             for server in servers:
-                keep_log(stack.enter_context(launched(server.argv, server.port, env=env, timeout=120)), server.log)
+                if server.engine_argv:
+                    engine_log = str(log_dir / f"{server.name}-engine.log")
+                    server.engine_pid = stack.enter_context(engine_launched(server.engine_argv, env, engine_log)).pid
+                child = stack.enter_context(launched(server.argv, server.port, env=env, timeout=120))
+                server.pid = child.proc.pid
+                keep_log(child.proc, child.startup, server.log)
             asyncio.run(run())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -465,11 +560,20 @@ def bench_conversation(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if args.log_dir is None:
             tmp.cleanup()
     print(f"ran {len(done)} calls in {time.monotonic() - t_start:.0f} s")
     report(done, servers, recent, onset, args)
+    report_load(loads, args)
     return 0
+
+
+def utterance_end(done: list[Call], server: str, n: int) -> tuple[float, str]:
+    """When the bot's utterance ends without barge-in: the silent calls' latest speech end + margin."""
+    spans = [speech_span(c.chunks) for c in _select(done, server, "cadence", n) if c.result is not None]
+    ends = [span[1] for span in spans if span]
+    return (max(ends) + STALE_MARGIN, "silent calls") if ends else (math.inf, "call end")
 
 
 def _select(done: list[Call], server: str, part: str, n: int) -> list[Call]:
@@ -477,7 +581,6 @@ def _select(done: list[Call], server: str, part: str, n: int) -> list[Call]:
 
 
 def report(done: list[Call], servers: list[Server], recent: dict, onset: float, args) -> None:
-    by_name = {s.name: s for s in servers}
     errors = [c for c in done if c.error]
     for c in errors[:10]:
         print(f"call {c.sid} failed: {c.error}")
@@ -498,6 +601,7 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
                 if not calls:
                     continue
                 lats, early, stale, stale_calls = [], 0, 0, 0
+                until, source = utterance_end(done, name, n)
                 for c in calls:
                     if c.result is None:
                         continue
@@ -507,7 +611,7 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
                         detail.append(f"{c.sid}: no clear after onset ({c.result.clears} clears, {len(c.chunks)} media)")
                         continue
                     lats.append(lat)
-                    late = stale_chunks(c.chunks, onset + lat, by_name[name].utterance_end)
+                    late = stale_chunks(c.chunks, onset + lat, until)
                     stale += len(late)
                     stale_calls += bool(late)
                     if late:
@@ -516,7 +620,7 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
                 miss = len(calls) - len(lats)
                 lat_rows.append([name, n, len(calls), miss, early, _ms(percentile(lats, 50)), _ms(percentile(lats, 95)),
                                  _ms(max(lats) if lats else None)])
-                stale_rows.append([name, n, len(lats), stale, stale_calls, f"{by_name[name].utterance_end:.1f}"])
+                stale_rows.append([name, n, len(lats), stale, stale_calls, f"{until:.2f}" if until < math.inf else "-", source])
         _block("Barge-in: caller speech onset -> `clear` at the caller",
                [f"Caller chunks {args.chunk_ms} ms; onset at {onset:.2f} s after {args.speech_at:.1f} s of silence; "
                 "ms on the caller's timeline (includes uplink chunking); p95 nearest-rank. "
@@ -524,9 +628,10 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
                table(["server", "calls", "n", "miss", "early", "p50 ms", "p95 ms", "max ms"], lat_rows))
         _block("Stale audio after `clear`",
                [f"Media messages with RMS > {SILENT_RMS:.0f} received after the barge-in `clear` and before the "
-                "interrupted utterance would have ended (its nominal end + "
-                f"{STALE_MARGIN} s, column `until s`)."],
-               table(["server", "calls", "cleared", "stale chunks", "calls with stale", "until s"], stale_rows))
+                "interrupted utterance would have ended: `until s` is the latest end of bot speech in the silent "
+                f"(cadence) calls of the same server and concurrency + {STALE_MARGIN} s, or the end of the call "
+                "without them."],
+               table(["server", "calls", "cleared", "stale chunks", "calls with stale", "until s", "from"], stale_rows))
         for line in detail[:20]:
             print(line)
 
@@ -620,3 +725,27 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
                           "underrun ms", "refused"], rows))
         for name in missing:
             print(f"\n{name}: GET /stats has no `recent_calls` yet: holding onsets and server counters not reported")
+
+
+def report_load(loads: list[dict], args) -> None:
+    rows = []
+    for name in ("ours", "stock", "ours-handshake"):
+        for part in PARTS:
+            for n in args.calls:
+                sel = [x for x in loads if x["server"] == name and x["part"] == part and x["calls"] == n]
+                if not sel:
+                    continue
+                wall = sum(x["wall"] for x in sel)
+                cpu = [x["server_cpu"] for x in sel]
+                server_pct = "-" if None in cpu else f"{sum(cpu) / wall * 100:.0f}"
+                engine = [x["engine_cpu"] for x in sel]
+                engine_pct = "-" if None in engine else f"{sum(engine) / wall * 100:.0f}"
+                rows.append([name, part, n, len(sel), f"{wall:.1f}", server_pct, engine_pct,
+                             f"{sum(x['bench_cpu'] for x in sel) / wall * 100:.0f}"])
+    if rows:
+        _block("CPU while the calls ran",
+               ["% of one core over the rounds' wall time (calls plus settling): the server process (one asyncio "
+                "loop; ours includes the reference engine unless it ran as its own process, `engine %`), and this "
+                "bench process (the simulated callers)."],
+               table(["server", "part", "calls", "rounds", "wall s", "server %", "engine %", "callers %"], rows,
+                     first_width=14))

@@ -190,6 +190,7 @@ class HoldingProcessor(FrameProcessor):
 
     async def _slow_engine(self):
         await asyncio.sleep(self._params.slow_after_secs)
+        self._slow_task = None  # from here on the clip is pushed whole, never cut between its frames
         if not self._model_speaking and not self._failed and self._clip_until <= self._now():
             await self._play(self._params.slow_clip, "slow_engine")
 

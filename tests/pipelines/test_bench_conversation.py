@@ -8,12 +8,14 @@ import pytest
 from pipelines.bench_conversation import (
     Chunk,
     barge_in_latency,
+    engine_command,
     first_audible,
     loud_runs,
     media_chunks,
     pacer_onsets,
     percentile,
     playout_gaps,
+    process_cpu_secs,
     speech_span,
     stale_chunks,
     sum_stat,
@@ -103,3 +105,18 @@ def test_server_stats_of_our_calls_only():
     assert sum_stat(recent, ids, "pacer", "underruns") == 1
     assert sum_stat(recent, ids, "output", "stale_chunks_refused") == 2
     assert sum_stat(recent, {"c"}, "output", "stale_chunks_refused") is None
+
+
+def test_process_cpu_secs_reads_proc():
+    import os
+
+    assert process_cpu_secs(os.getpid()) >= 0.0
+    assert process_cpu_secs(None) is None
+
+
+def test_engine_command_matches_the_yaml_options():
+    argv = engine_command(9000, {"mode": "script", "handshake_delay": 0.5, "sessions": 10,
+                                 "script": [{"at": 0.8, "wav": "/clips/a.wav"}]})
+    assert argv[1:4] == ["-m", "pipelines", "engine"]
+    joined = " ".join(argv)
+    assert "--port 9000 --no-tls --mode script --handshake-delay 0.5 --sessions 10 --say 0.8:/clips/a.wav" in joined

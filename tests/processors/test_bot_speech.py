@@ -109,9 +109,12 @@ async def test_silence_and_low_noise_never_open_an_utterance(cls):
     assert bot.stats["utterances"] == 0
 
 
-@pytest.mark.parametrize("cls", [OutputAudioRawFrame, SpeechOutputAudioRawFrame])
-async def test_speech_gives_one_pair_around_its_audio(cls):
-    sent = frames_of(np.concatenate([silence(0.4), speech(RATE), silence(1.0)]), cls)
+@pytest.mark.parametrize(
+    "cls, lead",  # four leads: the speech's windows fall at each position inside the 80 ms frames
+    [(OutputAudioRawFrame, 0.40), (SpeechOutputAudioRawFrame, 0.42), (SpeechOutputAudioRawFrame, 0.44), (OutputAudioRawFrame, 0.46)],
+)
+async def test_speech_gives_one_pair_around_its_audio(cls, lead):
+    sent = frames_of(np.concatenate([silence(lead), speech(RATE), silence(1.0)]), cls)
     loud = loud_frames(sent)
     down, _ = await run_test(processor(), frames_to_send=sent)
     assert brackets(down) == [("TTSStartedFrame", "bot-1"), ("TTSStoppedFrame", "bot-1")]
