@@ -6,8 +6,10 @@ speech. An utterance starts at the first 20 ms window above the level threshold 
 pacer turns these brackets into marks and the caller-facing bot-speaking state.
 
 After a barge-in the rest of the interrupted utterance is the model finishing a sentence nobody
-wants: it is replaced by silence (keeping the stream's timing) until the model falls quiet, and
-its text is dropped, so nothing of it reaches the caller.
+wants: it is replaced by silence (keeping the stream's timing) and its text is dropped until the
+model has been quiet for `hangover_secs` with the caller silent too. Quiet while the caller is
+still talking does not count: a model that pauses for breath and carries on over the caller is
+still in the turn that was interrupted.
 """
 
 import numpy as np
@@ -19,6 +21,8 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +51,7 @@ class BotSpeechProcessor(FrameProcessor):
         self._speaking = False  # inside an utterance
         self._muted = False  # inside the rest of an interrupted utterance
         self._quiet = 0.0  # seconds since the last speech window or text piece
+        self._caller_speaking = False
         self._count = 0
         self.stats = {"utterances": 0, "muted_secs": 0.0, "text_dropped": 0}
 
@@ -66,6 +71,10 @@ class BotSpeechProcessor(FrameProcessor):
             self._quiet = 0.0
             if not self._speaking:
                 await self.push_frame(self._open())
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._caller_speaking = True
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._caller_speaking = False
         elif isinstance(frame, StartFrame):
             self._speaking = self._muted = False
         elif isinstance(frame, InterruptionFrame):
@@ -92,7 +101,8 @@ class BotSpeechProcessor(FrameProcessor):
                 if not self._speaking and not self._muted:
                     before.append(self._open())
                 continue
-            self._quiet += secs
+            if not (self._muted and self._caller_speaking):
+                self._quiet += secs
             if self._quiet >= self._params.hangover_secs:
                 if self._speaking:
                     self._speaking = False

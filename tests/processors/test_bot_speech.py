@@ -8,6 +8,8 @@ wall time.
 import numpy as np
 import pytest
 from pipecat.frames.frames import (
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     SpeechOutputAudioRawFrame,
@@ -245,6 +247,24 @@ async def test_interruption_mute_ends_after_hangover_of_quiet_then_speech_opens_
     assert all(f.audio == bytes(len(f.audio)) for f in out[len(head) : len(head) + len(rest)])
     assert [f.audio for f in out[len(head) + len(rest) :]] == [f.audio for f in again]
     assert_audio_kept(down, head + rest + again)
+
+
+async def test_quiet_while_the_caller_still_talks_does_not_end_the_mute():
+    """The model pauses longer than the hangover while the caller is talking, then carries on:
+    that is still the interrupted turn, and stays silent until it pauses with the caller quiet."""
+    w = word()
+    head = frames_of(np.concatenate([silence(0.32), w]))
+    over_caller = frames_of(np.concatenate([w, silence(0.8), w]))  # a 0.8 s breath, caller still talking
+    after_caller = frames_of(np.concatenate([w, silence(0.6)]))  # carries on once the caller stopped
+    again = frames_of(np.concatenate([w, silence(1.0)]))
+    sent = (head + [SleepFrame(0.3), InterruptionFrame(), VADUserStartedSpeakingFrame(), SleepFrame(0.3)] + over_caller
+            + [SleepFrame(0.3), VADUserStoppedSpeakingFrame(), SleepFrame(0.1)] + after_caller + again)
+    down, _ = await run_test(processor(), frames_to_send=sent)
+    out = audio_of(down)
+    muted = len(head) + len(over_caller) + len(after_caller)
+    assert all(f.audio == bytes(len(f.audio)) for f in out[len(head) : muted])
+    assert [c for _, c in brackets(down)] == ["bot-1", "bot-1", "bot-2", "bot-2"]
+    assert any(f.audio != bytes(len(f.audio)) for f in out[muted:])  # the next turn is heard
 
 
 async def test_interruption_while_quiet_is_forwarded_and_changes_nothing():
