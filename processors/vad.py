@@ -8,8 +8,9 @@ two keeps a click or cough from barging in. No white, pink or brown noise or 1 k
 -20 dBFS triggers either setting
 (`python -m pipelines bench vad`, BENCHMARKS.md).
 
-Silero's ONNX load takes ~40 ms of blocking work, so the analyzer is built in a worker thread
-during setup(): 20 calls starting together must not stall each other's audio. The analyzer
+Silero's ONNX load takes ~40 ms of blocking work (far more when many calls start together), so
+the analyzer is built in a worker thread after setup() and the call does not wait for it: audio
+passes unanalysed for those first tens of milliseconds, inside barge-in's start mute window. The analyzer
 follows the rate of the audio frames (a resampler may sit in front); Silero only knows 8 and
 16 kHz, and any other rate is reported once as an ErrorFrame and the audio passed through.
 """
@@ -19,9 +20,9 @@ import dataclasses
 
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams as PipecatVADParams
-from pipecat.frames.frames import Frame, InputAudioRawFrame
+from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
 from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADProcessor
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
 SILERO_RATES = (8000, 16000)
@@ -47,21 +48,43 @@ class VADProcessor(PipecatVADProcessor):
     Params = VADParams
 
     def __init__(self, params: VADParams | None = None, **kwargs):
-        # pipecat's VADController only stores the analyzer until setup(); ours is built there.
+        # pipecat's VADController only stores the analyzer until setup(); ours is built after it.
         super().__init__(vad_analyzer=None, **kwargs)  # type: ignore[arg-type]
         self._params = params or VADParams()
         self._analyzer: SileroVADAnalyzer | None = None
+        self._loading: asyncio.Task | None = None
+        self._started = False
         self._bad_rate_reported = False
 
     async def setup(self, setup: FrameProcessorSetup):
-        self._analyzer = await asyncio.to_thread(SileroVADAnalyzer, params=self._params.pipecat())
-        self._vad_controller._vad_analyzer = self._analyzer
+        # Skip pipecat's VADProcessor.setup (it needs the analyzer): the call starts, and its greeting
+        # plays, while Silero loads in a worker thread.
+        await FrameProcessor.setup(self, setup)
         rate = setup.audio_in_sample_rate
         # Audio at other rates is checked per frame; the controller would raise here.
-        await super().setup(setup if rate in SILERO_RATES else dataclasses.replace(setup, audio_in_sample_rate=16000))
+        controller_setup = setup if rate in SILERO_RATES else dataclasses.replace(setup, audio_in_sample_rate=16000)
+        self._loading = self.create_task(self._load(controller_setup), name="vad-load")
+
+    async def _load(self, setup: FrameProcessorSetup):
+        analyzer = await asyncio.to_thread(SileroVADAnalyzer, params=self._params.pipecat())
+        self._vad_controller._vad_analyzer = analyzer
+        await self._vad_controller.setup(setup)
+        self._analyzer = analyzer
+        if self._started:
+            await self._vad_controller.start()
+
+    async def cleanup(self):
+        if self._loading:
+            await self.cancel_task(self._loading)
+        await super().cleanup()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
-        if isinstance(frame, InputAudioRawFrame) and self._analyzer and frame.sample_rate != self._analyzer.sample_rate:
+        if self._analyzer is None:  # still loading: everything passes on, nothing is analysed yet
+            await FrameProcessor.process_frame(self, frame, direction)
+            self._started |= isinstance(frame, StartFrame)
+            await self.push_frame(frame, direction)
+            return
+        if isinstance(frame, InputAudioRawFrame) and frame.sample_rate != self._analyzer.sample_rate:
             if frame.sample_rate not in SILERO_RATES:
                 await self._reject(frame, direction)
                 return

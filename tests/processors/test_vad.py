@@ -14,7 +14,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADProcessor
-from pipecat.tests.utils import run_test
+from pipecat.tests.utils import SleepFrame, run_test
 
 import processors.vad as vad
 from processors.vad import VADParams, VADProcessor
@@ -37,8 +37,9 @@ def with_silence(pcm: np.ndarray, rate: int, before: float = 0.5, after: float =
 
 
 async def feed(processor, pcm: np.ndarray, rate: int):
+    """Audio once Silero has loaded (in a real call it arrives in real time; here all at once)."""
     down, up = await run_test(
-        processor, frames_to_send=frames_of(pcm, rate), pipeline_params=PipelineParams(audio_in_sample_rate=rate)
+        processor, frames_to_send=[SleepFrame(sleep=0.5), *frames_of(pcm, rate)], pipeline_params=PipelineParams(audio_in_sample_rate=rate)
     )
     return down, up
 
@@ -99,7 +100,7 @@ async def test_onset_confirmed_sooner_than_with_pipecat_defaults(name):
 async def test_24khz_audio_is_reported_once_and_passed_through():
     pcm, _ = fixture_wav("question_16k")
     audio = np.repeat(pcm, 3)[::2]  # crude 24 kHz; the rate is what matters
-    frames = frames_of(audio, 24000)[:20] + [TextFrame("after")]
+    frames = [SleepFrame(sleep=0.5), *frames_of(audio, 24000)[:20], TextFrame("after")]
     down, up = await run_test(
         VADProcessor(VADParams()), frames_to_send=frames, pipeline_params=PipelineParams(audio_in_sample_rate=24000)
     )
@@ -114,11 +115,18 @@ async def test_follows_the_rate_of_the_frames_not_the_pipeline():
     pcm, rate = fixture_wav("question_16k")
     down, up = await run_test(
         VADProcessor(VADParams()),
-        frames_to_send=frames_of(with_silence(pcm, rate), rate),
+        frames_to_send=[SleepFrame(sleep=0.5), *frames_of(with_silence(pcm, rate), rate)],
         pipeline_params=PipelineParams(audio_in_sample_rate=8000),
     )
     assert not any(isinstance(f, ErrorFrame) for f in up)
     assert audio_frames_before(down, VADUserStartedSpeakingFrame) is not None
+
+
+async def test_the_call_does_not_wait_for_silero_audio_passes_while_it_loads():
+    pcm, rate = fixture_wav("interrupt_8k")
+    frames = frames_of(pcm, rate)
+    down, _ = await run_test(VADProcessor(VADParams()), frames_to_send=frames, pipeline_params=PipelineParams(audio_in_sample_rate=rate))
+    assert [f for f in down if isinstance(f, InputAudioRawFrame)] == frames  # all of it, in order, none held
 
 
 async def test_analyzer_is_built_off_the_event_loop(monkeypatch):
