@@ -250,7 +250,7 @@ class Server:
     port: int
     log: str
     pid: int | None = None
-    engine_argv: list[str] | None = None  # --engine-process: the reference engine our server dials
+    engine_argv: list[str] | None = None  # the reference engine our server dials (None: embedded)
     engine_pid: int | None = None
 
     @property
@@ -315,34 +315,13 @@ def engine_command(port: int, options: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def engine_launched(argv: list[str], env: dict, log: str, timeout: float = 60.0):
+def engine_launched(argv: list[str], env: dict, log: str):
     """The reference engine as a child process, until the block exits; it is ready once it prints its URL."""
-    import subprocess
+    from pipelines.launch import launched
 
-    from pipelines.launch import ROOT
-
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ws://"):
-                break
-        if not lines or not lines[-1].startswith("ws://"):
-            raise RuntimeError(f"{' '.join(argv)} did not start:\n" + "".join(lines))
-        keep_log(proc, "".join(lines), log)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with launched(argv, env=env, ready="ws://") as engine:
+        keep_log(engine.proc, engine.startup, log)
+        yield engine.proc
 
 
 def get_stats(port: int) -> dict:

@@ -39,8 +39,10 @@ def run_command(config: str | os.PathLike, port: int) -> list[str]:
 
 
 @contextmanager
-def launched(argv: list[str], port: int, *, env: dict | None = None, timeout: float = 60.0) -> Iterator[Launched]:
-    """The process runs until the block exits; RuntimeError with its output if it never serves."""
+def launched(argv: list[str], port: int = 0, *, env: dict | None = None, timeout: float = 60.0,
+             ready: str = "serving ") -> Iterator[Launched]:
+    """The process runs until the block exits, ready once a line starts with `ready` (the reference
+    engine prints its URL); RuntimeError with its output if it never gets there."""
     env = {k: v for k, v in (env or os.environ).items() if k != "PERSONAPLEX_URL"}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -51,9 +53,9 @@ def launched(argv: list[str], port: int, *, env: dict | None = None, timeout: fl
             if not line:
                 break
             lines.append(line)
-            if line.startswith("serving "):
+            if line.startswith(ready):
                 break
-        if not lines or not lines[-1].startswith("serving ") or proc.poll() is not None:
+        if not lines or not lines[-1].startswith(ready) or proc.poll() is not None:
             raise RuntimeError(f"{' '.join(argv)} did not start:\n" + "".join(lines))
         yield Launched(proc, port, "".join(lines))
     finally:

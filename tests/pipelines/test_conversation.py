@@ -7,7 +7,6 @@ import json
 import urllib.request
 
 import numpy as np
-import pytest
 import yaml
 
 from pipelines.audio import read_wav, write_wav
