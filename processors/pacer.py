@@ -172,6 +172,11 @@ class PacerProcessor(FrameProcessor):
         self._buf_opens = None
         self._wake.set()
 
+    def _cut_padded(self, ends: list[str] | None = None):
+        """The partial chunk, zero-padded to the provider's size (an utterance's or the call's end)."""
+        self._cut(bytes(self._buf) + bytes(self._chunk_bytes - len(self._buf)), ends)
+        self._buf.clear()
+
     def _open(self, context: str):
         self._utterance = context
         self._arrived[context] = self._now()
@@ -184,8 +189,7 @@ class PacerProcessor(FrameProcessor):
         if context is None:
             return  # the utterance was interrupted; nothing of it is queued
         if self._buf:
-            self._cut(bytes(self._buf) + bytes(self._chunk_bytes - len(self._buf)), [context])
-            self._buf.clear()
+            self._cut_padded([context])
         elif self._chunks:
             self._chunks[-1].ends.append(context)
         else:
@@ -230,8 +234,7 @@ class PacerProcessor(FrameProcessor):
     async def _drain(self):
         """Let the queued audio (an apology, a goodbye) play, and its mark come back, before the hang-up."""
         if self._buf:
-            self._cut(bytes(self._buf) + bytes(self._chunk_bytes - len(self._buf)))
-            self._buf.clear()
+            self._cut_padded()
         deadline = self._now() + self._params.drain_timeout_secs
         while (self._chunks or self._unplayed or self._now() < self._play_end) and self._now() < deadline and self._task:
             await asyncio.sleep(min(0.02, max(0.0, deadline - self._now())))
