@@ -7,18 +7,15 @@ WebSocket transport only moves the strings this class produces.
 
 import audioop
 import base64
-import binascii
-import collections
-import json
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from loguru import logger
-from pipecat.audio.dtmf.types import KeypadEntry
-from pipecat.frames.frames import Frame, InputAudioRawFrame, InputDTMFFrame
+from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from transports.base import Drop, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
 
 SUPPORTED_RATES = (8000, 16000, 24000)
@@ -26,10 +23,6 @@ DEFAULT_RATE = 8000  # Exotel's documented default when ?sample-rate= is absent
 PACKET_BYTES = 320  # Exotel plays 320-byte packets; any other size leaves gaps (doc §1.7)
 DOC_MAX_CHUNK_BYTES = 100_000
 MULAW_NAMES = ("mulaw", "mu-law", "ulaw", "pcmu")
-
-# Log the first few drops of each reason, then every Nth, so a flood stays readable.
-LOG_FIRST = 5
-LOG_EVERY = 100
 
 
 class ExotelParams(BaseModel):
@@ -91,34 +84,15 @@ def parse_sample_rate(value: Any) -> int | None:
     return int(rate) if rate in SUPPORTED_RATES else None
 
 
-def _pick(obj: Any, *keys: str) -> Any:
-    """First present value among alternative spellings of one field."""
-    if isinstance(obj, Mapping):
-        for key in keys:
-            if obj.get(key) is not None:
-                return obj[key]
-    return None
-
-
-class _Drop(Exception):
-    """An inbound message we refuse; carries the counter key and a detail for the log."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class ExotelProtocol:
+class ExotelProtocol(JsonProtocol):
     """One call's Exotel stream: inbound JSON -> pipecat frames, bot PCM -> legal `media` messages."""
 
     name = "exotel"
 
     def __init__(self, params: ExotelParams, query: Mapping[str, str] | None = None):
+        super().__init__(params.max_message_bytes)
         self.params = params
         self.query = dict(query or {})
-        self.call: CallInfo | None = None
-        self.dropped: collections.Counter[str] = collections.Counter()
         self._stopped = False
         self._chunk = 0  # wire bytes per outbound media message, fixed at start
         self._pending = bytearray()  # bot PCM not yet sent
@@ -131,46 +105,6 @@ class ExotelProtocol:
 
     # ---- inbound -------------------------------------------------------------
 
-    @property
-    def call_id(self) -> str:
-        """Identity used in logs: the call id once `start` arrived."""
-        return self.call.call_id if self.call else "unknown"
-
-    def receive(self, message: str | bytes) -> list[Frame]:
-        """Translate one WebSocket message; malformed ones are dropped, counted and logged."""
-        try:
-            data = self._decode(message)
-            event = data.get("event")
-            if not isinstance(event, str) or not event:
-                raise _Drop("missing_event", f"keys={sorted(data)[:8]}")
-            handler = self._handlers.get(event)
-            if handler is None:
-                raise _Drop("unknown_event", repr(event[:40]))
-            return handler(self, data)
-        except _Drop as drop:
-            self._count(drop.reason, drop.detail)
-            return []
-
-    def _decode(self, message: str | bytes) -> dict:
-        if isinstance(message, (bytes, bytearray, memoryview)):
-            raise _Drop("binary_frame", f"{len(message)} bytes")
-        size = len(message.encode("utf-8", "surrogatepass"))
-        if size > self.params.max_message_bytes:
-            raise _Drop("too_large", f"{size} bytes > {self.params.max_message_bytes}")
-        try:
-            data = json.loads(message)
-        except ValueError as exc:
-            raise _Drop("invalid_json", str(exc)[:80]) from None
-        if not isinstance(data, dict):
-            raise _Drop("not_object", type(data).__name__)
-        return data
-
-    def _count(self, reason: str, detail: str) -> None:
-        self.dropped[reason] += 1
-        n = self.dropped[reason]
-        if n <= LOG_FIRST or n % LOG_EVERY == 0:
-            logger.warning(f"exotel call {self.call_id}: dropped {reason} #{n}: {detail}")
-
     def _on_connected(self, data: dict) -> list[Frame]:
         extra = {k: v for k, v in data.items() if k != "event"}
         logger.debug(f"exotel connected {extra}")
@@ -178,17 +112,17 @@ class ExotelProtocol:
 
     def _on_start(self, data: dict) -> list[Frame]:
         if self.call is not None:
-            raise _Drop("duplicate_start", f"stream {_pick(data, 'stream_sid', 'streamSid')}")
+            raise Drop("duplicate_start", f"stream {pick(data, 'stream_sid', 'streamSid')}")
         start = data.get("start")
         if not isinstance(start, Mapping):
-            raise _Drop("missing_start", "no start object")
-        stream_id = _pick(start, "stream_sid", "streamSid") or _pick(data, "stream_sid", "streamSid")
-        call_id = _pick(start, "call_sid", "callSid")
+            raise Drop("missing_start", "no start object")
+        stream_id = pick(start, "stream_sid", "streamSid") or pick(data, "stream_sid", "streamSid")
+        call_id = pick(start, "call_sid", "callSid")
         if not stream_id:
-            raise _Drop("missing_stream_sid", f"call {call_id}")
+            raise Drop("missing_stream_sid", f"call {call_id}")
         if not call_id:
-            raise _Drop("missing_call_sid", f"stream {stream_id}")
-        media_format = _pick(start, "media_format", "mediaFormat")
+            raise Drop("missing_call_sid", f"stream {stream_id}")
+        media_format = pick(start, "media_format", "mediaFormat")
         encoding, rate = self._format(media_format, f"call {call_id}")
         width = 1 if encoding == "mulaw" else 2
         self._chunk = chunk_bytes(rate, width, self.params.min_chunk_bytes)
@@ -198,9 +132,9 @@ class ExotelProtocol:
             call_id=str(call_id),
             sample_rate=rate,
             encoding=encoding,
-            account_id=_str_or_none(_pick(start, "account_sid", "accountSid")),
-            from_number=_str_or_none(start.get("from")),
-            to_number=_str_or_none(start.get("to")),
+            account_id=str_or_none(pick(start, "account_sid", "accountSid")),
+            from_number=str_or_none(start.get("from")),
+            to_number=str_or_none(start.get("to")),
             custom_parameters=self._custom_parameters(start),
             chunk_samples=self._chunk // width,
         )
@@ -215,10 +149,10 @@ class ExotelProtocol:
         if isinstance(media_format, str):  # Beta form: "audio/x-mulaw;rate=8000"
             encoding_text = media_format
             fields = dict(p.split("=", 1) for p in media_format.split(";")[1:] if "=" in p)
-            announced = _pick({k.strip(): v for k, v in fields.items()}, "rate")
+            announced = pick({k.strip(): v for k, v in fields.items()}, "rate")
         else:
-            encoding_text = _pick(media_format, "encoding") or ""
-            announced = _pick(media_format, "sample_rate", "sampleRate")
+            encoding_text = pick(media_format, "encoding") or ""
+            announced = pick(media_format, "sample_rate", "sampleRate")
         encoding = "mulaw" if any(n in str(encoding_text).lower() for n in MULAW_NAMES) else "pcm16"
         if self.params.sample_rate:
             return encoding, self.params.sample_rate
@@ -228,7 +162,7 @@ class ExotelProtocol:
                 continue
             rate = parse_sample_rate(value)
             if rate is None:
-                raise _Drop("bad_sample_rate", f"{where}: {source} sample rate {value!r}")
+                raise Drop("bad_sample_rate", f"{where}: {source} sample rate {value!r}")
             if source == "media_format" and from_url and parse_sample_rate(from_url) != rate:
                 logger.warning(f"exotel {where}: URL asks {from_url} Hz, start says {rate} Hz; using {rate}")
             return encoding, rate
@@ -238,56 +172,33 @@ class ExotelProtocol:
     def _custom_parameters(self, start: Mapping) -> dict[str, str]:
         """URL query parameters (minus sample-rate) overlaid by start.custom_parameters."""
         params = {k: str(v) for k, v in self.query.items() if k not in ("sample-rate", "sample_rate")}
-        custom = _pick(start, "custom_parameters", "customParameters")
+        custom = pick(start, "custom_parameters", "customParameters")
         if isinstance(custom, Mapping):
             params.update({str(k): str(v) for k, v in custom.items()})
         return params
 
-    def _require_call(self, event: str) -> CallInfo:
-        if self.call is None:
-            raise _Drop(f"{event}_before_start")
-        return self.call
-
     def _on_media(self, data: dict) -> list[Frame]:
-        call = self._require_call("media")
-        payload = _pick(data.get("media"), "payload")
-        if not isinstance(payload, str):
-            raise _Drop("missing_payload", f"chunk {_pick(data.get('media'), 'chunk')}")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise _Drop("invalid_base64", f"{len(payload)} chars") from None
-        if not raw:
-            raise _Drop("empty_payload")
-        if call.encoding == "mulaw":
-            raw = audioop.ulaw2lin(raw, 2)
-        elif len(raw) % 2:
-            raise _Drop("odd_length_pcm", f"{len(raw)} bytes")
-        return [InputAudioRawFrame(audio=raw, sample_rate=call.sample_rate, num_channels=1)]
+        call = self.require_call("media")
+        media = data.get("media")
+        return [audio_frame(pick(media, "payload"), call, f"chunk {pick(media, 'chunk')}")]
 
     def _on_dtmf(self, data: dict) -> list[Frame]:
-        self._require_call("dtmf")
-        digit = _pick(data.get("dtmf"), "digit")
-        if digit is None:
-            raise _Drop("missing_digit")
-        try:
-            return [InputDTMFFrame(button=KeypadEntry(str(digit).strip()))]
-        except ValueError:
-            raise _Drop("bad_dtmf_digit", repr(str(digit)[:10])) from None
+        self.require_call("dtmf")
+        return [dtmf_frame(pick(data.get("dtmf"), "digit"))]
 
     def _on_mark(self, data: dict) -> list[Frame]:
-        self._require_call("mark")
-        name = _pick(data.get("mark"), "name")
+        self.require_call("mark")
+        name = pick(data.get("mark"), "name")
         if name is None:
-            raise _Drop("missing_mark_name")
+            raise Drop("missing_mark_name")
         return [MarkPlayedFrame(mark=str(name))]
 
     def _on_stop(self, data: dict) -> list[Frame]:
         # Accepted before `start` too: the call is over either way and the pipeline must end.
         if self._stopped:
-            raise _Drop("duplicate_stop")
+            raise Drop("duplicate_stop")
         self._stopped = True
-        reason = str(_pick(data.get("stop"), "reason") or "")
+        reason = str(pick(data.get("stop"), "reason") or "")
         logger.info(f"exotel call {self.call_id}: stop ({reason or 'no reason'})")
         return [CallStoppedFrame(reason=reason)]
 
@@ -338,7 +249,7 @@ class ExotelProtocol:
         """Flush first so the mark lands after every sample queued before it."""
         call = self._started()
         out = self.flush()
-        out.append(self._dump({"event": "mark", self._sid_key: call.stream_id,
+        out.append(dump({"event": "mark", self._sid_key: call.stream_id,
                                self._seq_key: self._next_seq(), "mark": {"name": name}}))
         return out
 
@@ -347,7 +258,7 @@ class ExotelProtocol:
         self._pending.clear()
         if self.call is None:
             return []
-        return [self._dump({"event": "clear", self._sid_key: self.call.stream_id})]
+        return [dump({"event": "clear", self._sid_key: self.call.stream_id})]
 
     def _started(self) -> CallInfo:
         if self.call is None:
@@ -358,7 +269,7 @@ class ExotelProtocol:
         wire = audioop.lin2ulaw(pcm, 2) if call.encoding == "mulaw" else pcm
         self._chunks_sent += 1
         self._samples_sent += len(pcm) // 2
-        return self._dump({
+        return dump({
             "event": "media",
             self._sid_key: call.stream_id,
             self._seq_key: self._next_seq(),
@@ -373,11 +284,3 @@ class ExotelProtocol:
     def _next_seq(self) -> str:
         self._seq += 1
         return str(self._seq)
-
-    @staticmethod
-    def _dump(message: dict) -> str:
-        return json.dumps(message, separators=(",", ":"))
-
-
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)

@@ -1,0 +1,183 @@
+"""What every provider protocol shares: refusing bad messages, and the hooks the server calls.
+
+A protocol object is pure: the server hands it each WebSocket message and sends the strings it
+returns. Malformed input is dropped, counted by reason and logged with the call id (the first few
+of each reason, then every Nth, so a flood stays readable); the call goes on.
+"""
+
+import audioop
+import base64
+import binascii
+import collections
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
+from pipecat.frames.frames import Frame, InputAudioRawFrame, InputDTMFFrame
+
+from transports.frames import CallInfo
+
+LOG_FIRST = 5
+LOG_EVERY = 100
+
+
+class Drop(Exception):
+    """An inbound message we refuse; carries the counter key and a detail for the log."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """An HTTP request (or WebSocket upgrade) as the server saw it, for pure route and auth code."""
+
+    method: str
+    scheme: str  # "http" or "https" as the server itself was reached
+    host: str  # the Host header
+    path: str
+    query: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # case-insensitive in the server
+    form: dict[str, str] = field(default_factory=dict)  # POST form fields
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: str | bytes
+    content_type: str = "text/plain"
+
+
+def pick(obj: Any, *keys: str) -> Any:
+    """First present value among alternative spellings of one field."""
+    if isinstance(obj, Mapping):
+        for key in keys:
+            if obj.get(key) is not None:
+                return obj[key]
+    return None
+
+
+def str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def dump(message: dict) -> str:
+    return json.dumps(message, separators=(",", ":"))
+
+
+class JsonProtocol:
+    """Base of the JSON-over-WebSocket protocols: decode, dispatch on a type key, count drops.
+
+    Subclasses set `name`, `type_key` and `_handlers` (type -> method returning frames), and
+    implement the outbound side: audio(), flush(), mark(), clear(). The optional hooks below
+    default to "nothing to add".
+    """
+
+    name = "json"
+    type_key = "event"
+    _handlers: dict = {}
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self.call: CallInfo | None = None
+        self.dropped: collections.Counter[str] = collections.Counter()
+
+    @property
+    def call_id(self) -> str:
+        """Identity used in logs: the call id once the call started."""
+        return self.call.call_id if self.call else "unknown"
+
+    def receive(self, message: str | bytes) -> list[Frame]:
+        """Translate one WebSocket message; malformed ones are dropped, counted and logged."""
+        try:
+            data = self._decode(message)
+            kind = data.get(self.type_key)
+            if not isinstance(kind, str) or not kind:
+                raise Drop(f"missing_{self.type_key}", f"keys={sorted(data)[:8]}")
+            handler = self._handlers.get(kind)
+            if handler is None:
+                raise Drop(f"unknown_{self.type_key}", repr(kind[:40]))
+            return handler(self, data)
+        except Drop as drop:
+            self.count(drop.reason, drop.detail)
+            return []
+
+    def _decode(self, message: str | bytes) -> dict:
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            raise Drop("binary_frame", f"{len(message)} bytes")
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if size > self.max_message_bytes:
+            raise Drop("too_large", f"{size} bytes > {self.max_message_bytes}")
+        try:
+            data = json.loads(message)
+        except ValueError as exc:
+            raise Drop("invalid_json", str(exc)[:80]) from None
+        if not isinstance(data, dict):
+            raise Drop("not_object", type(data).__name__)
+        return data
+
+    def count(self, reason: str, detail: str = "") -> None:
+        self.dropped[reason] += 1
+        n = self.dropped[reason]
+        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+            logger.warning(f"{self.name} call {self.call_id}: dropped {reason} #{n}: {detail}")
+
+    def require_call(self, kind: str) -> CallInfo:
+        if self.call is None:
+            raise Drop(f"{kind}_before_start")
+        return self.call
+
+    # ---- optional hooks ------------------------------------------------------------
+
+    def event(self, frame: Frame) -> list[str]:
+        """Messages for a frame other than audio, marks and interruptions (e.g. a transcript)."""
+        return []
+
+    def goodbye(self) -> list[str]:
+        """Messages to send just before the server closes the socket at the end of a call."""
+        return []
+
+    @classmethod
+    def authorize(cls, params, request: HttpRequest) -> str | None:
+        """Why this WebSocket upgrade must be refused with 403, or None to accept it."""
+        return None
+
+    @classmethod
+    def routes(cls, params) -> dict[str, Any]:
+        """Extra HTTP endpoints: path -> callable(params, HttpRequest) -> HttpReply."""
+        return {}
+
+    def hangup_request(self, params) -> dict | None:
+        """An HTTP request that ends the call at the provider after the socket closed, if any."""
+        return None
+
+
+def audio_frame(payload: Any, call: CallInfo, where: str = "") -> InputAudioRawFrame:
+    """A `media` payload (base64 PCM16LE or μ-law, per the call) as caller audio at the call rate."""
+    if not isinstance(payload, str):
+        raise Drop("missing_payload", where)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise Drop("invalid_base64", f"{len(payload)} chars") from None
+    if not raw:
+        raise Drop("empty_payload", where)
+    if call.encoding == "mulaw":
+        raw = audioop.ulaw2lin(raw, 2)
+    elif len(raw) % 2:
+        raise Drop("odd_length_pcm", f"{len(raw)} bytes")
+    return InputAudioRawFrame(audio=raw, sample_rate=call.sample_rate, num_channels=1)
+
+
+def dtmf_frame(digit: Any) -> InputDTMFFrame:
+    if digit is None:
+        raise Drop("missing_digit")
+    try:
+        return InputDTMFFrame(button=KeypadEntry(str(digit).strip()))
+    except ValueError:
+        raise Drop("bad_dtmf_digit", repr(str(digit)[:10])) from None
