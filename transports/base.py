@@ -42,6 +42,7 @@ class HttpRequest:
     host: str  # the Host header
     path: str
     query: dict[str, str] = field(default_factory=dict)
+    query_string: str = ""  # as received, for signatures computed over the exact URL
     headers: Mapping[str, str] = field(default_factory=dict)  # case-insensitive in the server
     form: dict[str, str] = field(default_factory=dict)  # POST form fields
 

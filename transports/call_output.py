@@ -18,19 +18,18 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from transports.frames import MarkFrame, PacedAudioFrame
+from transports.socket import CallSocket
 
 
 class CallOutput(FrameProcessor):
     """Send bot audio, marks and clears to the provider; hang up when the pipeline ends."""
 
-    def __init__(self, protocol, websocket, call_id: str, **kwargs):
+    def __init__(self, protocol, socket: CallSocket, call_id: str, **kwargs):
         super().__init__(**kwargs)
         self._protocol = protocol
-        self._ws = websocket
+        self._socket = socket
         self._call_id = call_id
         self._rate: int | None = None
         self._clears = 0  # interruptions answered with a `clear`
@@ -51,11 +50,13 @@ class CallOutput(FrameProcessor):
             await self._clear(self._interruptions)
         elif isinstance(frame, TTSStoppedFrame):
             await self._send(self._protocol.flush())
-        elif isinstance(frame, EndFrame):
-            await self._send(self._protocol.flush())
-            await self._ws.close()
+        if isinstance(frame, EndFrame):
+            await self._send(self._protocol.flush() + self._protocol.goodbye())
+            await self._socket.close()
         elif isinstance(frame, CancelFrame):
-            await self._ws.close()
+            await self._socket.close()
+        else:
+            await self._send(self._protocol.event(frame))  # e.g. the browser's state and transcript
         await self.push_frame(frame, direction)
 
     async def _clear(self, epoch: int):
@@ -79,11 +80,8 @@ class CallOutput(FrameProcessor):
 
     async def _send(self, messages: list[str]):
         for message in messages:
-            if self._ws.state is not State.OPEN:
+            if not self._socket.is_open:
                 self.stats["sends_after_close"] += 1  # not sent: counted to show nothing leaks after close
                 continue
-            try:
-                await self._ws.send(message)
-            except ConnectionClosed:
-                return
-            self.messages_sent += 1
+            if await self._socket.send(message):
+                self.messages_sent += 1

@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import websockets
+from aiohttp import web
 from pipecat.frames.frames import InterruptionFrame, OutputAudioRawFrame, SpeechOutputAudioRawFrame, TTSStoppedFrame
 from pipecat.tests.utils import SleepFrame, run_test
 
 from transports.call_output import CallOutput
 from transports.exotel import ExotelParams, ExotelProtocol
 from transports.frames import MarkFrame, PacedAudioFrame
+from transports.socket import CallSocket
 from tests.speech import speech
 
 RATE = 8000
@@ -20,17 +22,32 @@ RATE = 8000
 
 @pytest.fixture
 async def link():
-    """A server-side connection for CallOutput and the provider's client end, over loopback."""
+    """A server-side CallSocket (aiohttp, as in the call server) and the provider's client end."""
     accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+    done = asyncio.Event()
 
-    async def handler(ws):
-        accepted.set_result(ws)
-        await ws.wait_closed()
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        socket = CallSocket(ws)
+        accepted.set_result(socket)
+        async for _ in socket.messages():
+            pass
+        await done.wait()
+        return ws
 
-    async with websockets.serve(handler, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
         async with websockets.connect(f"ws://127.0.0.1:{port}") as client:
             yield await accepted, client
+    finally:
+        done.set()
+        await runner.cleanup()
 
 
 def started_protocol() -> ExotelProtocol:
@@ -110,7 +127,8 @@ async def test_a_chunk_from_a_newer_epoch_sends_its_clear_first(link):
 async def test_nothing_is_sent_after_the_provider_socket_closed(link):
     server_ws, client = link
     await client.close()
-    await server_ws.wait_closed()
+    while server_ws.is_open:
+        await asyncio.sleep(0.01)
     output = CallOutput(started_protocol(), server_ws, "C")
     await run_test(output, frames_to_send=[chunk(0), MarkFrame(mark="m"), InterruptionFrame()])
     assert output.messages_sent == 0 and output.stats["sends_after_close"] >= 2
