@@ -1,20 +1,27 @@
-"""A simulated Exotel caller: dials a bot the way Exotel's Voicebot applet does.
+"""A simulated caller: dials a bot the way Exotel's Voicebot applet or Twilio Media Streams do.
 
-Written from the provider's side of docs/telephony-protocols.md §1, independently of
-transports/exotel.py, so it catches our own protocol bugs instead of sharing them. It plays
-the phone too: bot audio goes through a real-time playout buffer, marks are echoed when the
-playout reaches them, `clear` cuts what is queued, and every chunk-rule breach is reported.
+Written from the provider's side of docs/telephony-protocols.md §1-2, independently of the
+transports, so it catches our own protocol bugs instead of sharing them. It plays the phone too:
+bot audio goes through a real-time playout buffer, marks are echoed when the playout reaches them
+(at once when nothing is queued), `clear` cuts what is queued and echoes pending marks, and every
+breach of the provider's rules is reported. As Twilio, it fetches the TwiML from the voice webhook
+first and signs both requests when given the auth token.
 """
 
 import asyncio
+import audioop
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiohttp
 import numpy as np
 from loguru import logger
 from websockets.asyncio.client import ClientConnection, connect
@@ -51,11 +58,11 @@ def dial_url(url: str, sample_rate: int, custom_parameters: dict[str, str]) -> s
 class _Phone:
     """Shared state of one call: the playout timeline, pending marks and what the bot did."""
 
-    def __init__(self, ws: ClientConnection, rate: int, stream_sid: str, min_chunk_bytes: int):
+    def __init__(self, ws: ClientConnection, rate: int, stream_sid: str, dialect: "Exotel | Twilio"):
         self.ws = ws
         self.rate = rate
         self.sid = stream_sid
-        self.min_chunk_bytes = min_chunk_bytes
+        self.dialect = dialect
         self.result = CallResult(heard=np.zeros(0, np.int16), sample_rate=rate)
         self.loop = asyncio.get_running_loop()
         self.t0 = self.loop.time()
@@ -77,8 +84,8 @@ class _Phone:
         """Send with the next sequence number; False once the socket is gone."""
         async with self.send_lock:
             self.seq += 1
-            message = {"event": message["event"], "sequence_number": str(self.seq),
-                       "stream_sid": self.sid} | {k: v for k, v in message.items() if k != "event"}
+            message = {"event": message["event"], **self.dialect.envelope(self.seq, self.sid)} | {
+                k: v for k, v in message.items() if k != "event"}
             try:
                 await self.ws.send(json.dumps(message))
                 return True
@@ -94,7 +101,7 @@ class _Phone:
     async def on_message(self, raw: str | bytes) -> None:
         t = self.now()
         if isinstance(raw, bytes):
-            return self.violation(t, f"binary frame of {len(raw)} bytes (Exotel expects JSON text)")
+            return self.violation(t, f"binary frame of {len(raw)} bytes ({self.dialect.name} expects JSON text)")
         try:
             msg = json.loads(raw)
         except ValueError:
@@ -105,9 +112,10 @@ class _Phone:
         event = msg.get("event")
         if event not in BOT_EVENTS:
             return self.violation(t, f"unknown event {event!r}")
-        sid = msg.get("stream_sid", msg.get("streamSid"))
+        sid = msg.get(self.dialect.sid_key)
         if sid != self.sid:
-            self.violation(t, f"{event} with stream_sid {sid!r}, call is {self.sid!r}")
+            self.violation(t, f"{event} with {self.dialect.sid_key} {sid!r}, call is {self.sid!r}")
+        self.dialect.check_fields(self, t, msg)
         if event == "media":
             self.on_media(t, msg)
         elif event == "mark":
@@ -122,24 +130,15 @@ class _Phone:
         if not isinstance(b64, str):
             return self.violation(t, "media without media.payload")
         try:
-            pcm = base64.b64decode(b64, validate=True)
+            wire = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             return self.violation(t, f"media #{self.media_received}: payload is not base64")
-        self.check_chunk(t, len(pcm))
+        self.dialect.check_chunk(self, t, len(wire))
+        pcm = self.dialect.decode(wire)
         samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.int16)
         start = max(round(max(t, 0.0) * self.rate), self.play_end)
         self.segments.append((start, samples))
         self.play_end = start + len(samples)
-
-    def check_chunk(self, t: float, size: int) -> None:
-        """Exotel's outbound rules (doc §1.7): 320-byte multiples, >= minimum, <= 100 kB."""
-        n = self.media_received
-        if size % PACKET_BYTES:
-            self.violation(t, f"media #{n}: {size} bytes is not a multiple of {PACKET_BYTES}")
-        if size < self.min_chunk_bytes:
-            self.violation(t, f"media #{n}: {size} bytes is below the {self.min_chunk_bytes}-byte minimum")
-        if size > MAX_CHUNK_BYTES:
-            self.violation(t, f"media #{n}: {size} bytes is above the {MAX_CHUNK_BYTES}-byte maximum")
 
     async def on_mark(self, t: float, msg: dict) -> None:
         mark = msg.get("mark")
@@ -152,8 +151,8 @@ class _Phone:
             self.pending_marks.append((self.play_end, name))
 
     async def on_clear(self) -> None:
-        """Cut queued audio at this instant; pending marks are echoed now, as Twilio does
-        (Exotel does not document this, doc §1.8)."""
+        """Cut queued audio at this instant; pending marks are echoed now, as Twilio documents
+        (Exotel does not say, doc §1.8)."""
         self.result.clears += 1
         cut = self.now_sample()
         self.segments = [(s, a[: cut - s]) for s, a in self.segments if s < cut]
@@ -186,20 +185,110 @@ class _Phone:
         return heard
 
 
-def _start_message(phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> dict:
-    """The documented `start` event, values as strings like Exotel's own examples."""
-    return {
-        "event": "start",
-        "start": {
-            "stream_sid": phone.sid,
-            "call_sid": call_sid,
-            "account_sid": "simulated",
-            "from": "09999999999",
-            "to": "08000000000",
-            "custom_parameters": dict(custom_parameters),
-            "media_format": {"encoding": "audio/x-raw", "sample_rate": str(phone.rate), "bit_rate": "16"},
-        },
-    }
+class Exotel:
+    """Exotel's Voicebot applet: snake_case, PCM16 at the URL's rate, ~100 ms media, strict chunk sizes."""
+
+    name = "exotel"
+    sid_key = "stream_sid"
+    chunk_ms = 100
+
+    def __init__(self, min_chunk_bytes: int = 3200):
+        self.min_chunk_bytes = min_chunk_bytes
+
+    def envelope(self, seq: int, sid: str) -> dict:
+        return {"sequence_number": str(seq), "stream_sid": sid}
+
+    def start(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> dict:
+        """The documented `start` event, values as strings like Exotel's own examples."""
+        return {"event": "start", "start": {
+            "stream_sid": phone.sid, "call_sid": call_sid, "account_sid": "simulated",
+            "from": "09999999999", "to": "08000000000", "custom_parameters": dict(custom_parameters),
+            "media_format": {"encoding": "audio/x-raw", "sample_rate": str(phone.rate), "bit_rate": "16"}}}
+
+    def media(self, k: int, ms: int, pcm: bytes) -> dict:
+        return {"chunk": str(k + 1), "timestamp": str((k + 1) * ms), "payload": base64.b64encode(pcm).decode("ascii")}
+
+    def stop(self, call_sid: str) -> dict:
+        return {"event": "stop", "stop": {"call_sid": call_sid, "account_sid": "simulated", "reason": "callended"}}
+
+    def decode(self, wire: bytes) -> bytes:
+        return wire
+
+    def check_fields(self, phone: _Phone, t: float, msg: dict) -> None:
+        pass  # Exotel documents no error for extra fields
+
+    def check_chunk(self, phone: _Phone, t: float, size: int) -> None:
+        """Exotel's outbound rules (doc §1.7): 320-byte multiples, >= minimum, <= 100 kB."""
+        n = phone.media_received
+        if size % PACKET_BYTES:
+            phone.violation(t, f"media #{n}: {size} bytes is not a multiple of {PACKET_BYTES}")
+        if size < self.min_chunk_bytes:
+            phone.violation(t, f"media #{n}: {size} bytes is below the {self.min_chunk_bytes}-byte minimum")
+        if size > MAX_CHUNK_BYTES:
+            phone.violation(t, f"media #{n}: {size} bytes is above the {MAX_CHUNK_BYTES}-byte maximum")
+
+
+class Twilio:
+    """Twilio Media Streams: camelCase, μ-law 8 kHz, 20 ms media; error 31951 on any extra field."""
+
+    name = "twilio"
+    sid_key = "streamSid"
+    chunk_ms = 20
+    FIELDS = {"media": {"event", "streamSid", "media"}, "mark": {"event", "streamSid", "mark"},
+              "clear": {"event", "streamSid"}}
+
+    def envelope(self, seq: int, sid: str) -> dict:
+        return {"sequenceNumber": str(seq), "streamSid": sid}
+
+    def start(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> dict:
+        return {"event": "start", "start": {
+            "streamSid": phone.sid, "accountSid": "ACsimulated", "callSid": call_sid, "tracks": ["inbound"],
+            "customParameters": dict(custom_parameters),
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+
+    def media(self, k: int, ms: int, pcm: bytes) -> dict:
+        return {"track": "inbound", "chunk": str(k + 1), "timestamp": str(k * ms),
+                "payload": base64.b64encode(audioop.lin2ulaw(pcm, 2)).decode("ascii")}
+
+    def stop(self, call_sid: str) -> dict:
+        return {"event": "stop", "stop": {"accountSid": "ACsimulated", "callSid": call_sid}}
+
+    def decode(self, wire: bytes) -> bytes:
+        return audioop.ulaw2lin(wire, 2)
+
+    def check_fields(self, phone: _Phone, t: float, msg: dict) -> None:
+        expected = self.FIELDS.get(msg.get("event"), set(msg))
+        if set(msg) != expected:
+            phone.violation(t, f"{msg.get('event')} fields {sorted(msg)}, Twilio wants {sorted(expected)} (error 31951)")
+        inner = msg.get("media")
+        if msg.get("event") == "media" and isinstance(inner, dict) and set(inner) != {"payload"}:
+            phone.violation(t, f"media.{sorted(inner)}: Twilio wants only media.payload (error 31951)")
+
+    def check_chunk(self, phone: _Phone, t: float, size: int) -> None:
+        if size == 0:
+            phone.violation(t, f"media #{phone.media_received}: empty payload")
+
+
+def twilio_signature(auth_token: str, url: str, form: dict[str, str] | None = None) -> str:
+    """Twilio's X-Twilio-Signature: HMAC-SHA1 over the URL and the sorted POST fields, base64."""
+    data = url + "".join(k + v for k, v in sorted((form or {}).items()))
+    return base64.b64encode(hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+async def fetch_twiml(url: str, call_sid: str, auth_token: str | None) -> tuple[str, dict[str, str]]:
+    """POST the voice webhook as Twilio does; return the <Connect><Stream> url and its <Parameter>s."""
+    form = {"CallSid": call_sid, "AccountSid": "ACsimulated", "From": "+15550001111", "To": "+15550002222",
+            "Direction": "inbound", "CallStatus": "ringing"}
+    headers = {"X-Twilio-Signature": twilio_signature(auth_token, url, form)} if auth_token else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.post(url, data=form, headers=headers) as resp:
+            body = await resp.text()
+            if resp.status != 200:
+                raise ConnectionError(f"TwiML webhook {url} answered HTTP {resp.status}: {body[:200]}")
+    stream = ET.fromstring(body).find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise ConnectionError(f"TwiML from {url} has no <Connect><Stream url>: {body[:200]}")
+    return stream.get("url"), {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
 
 
 def _speech(audio: np.ndarray, rate: int, seconds: float | None, chunk: int) -> np.ndarray:
@@ -223,8 +312,7 @@ async def _speak(phone: _Phone, speech: np.ndarray, chunk: int) -> None:
         if phone.server_closed.is_set():
             return
         pcm = speech[k * chunk : (k + 1) * chunk].astype("<i2").tobytes()
-        media = {"chunk": str(k + 1), "timestamp": str((k + 1) * chunk * 1000 // phone.rate),
-                 "payload": base64.b64encode(pcm).decode("ascii")}
+        media = phone.dialect.media(k, chunk * 1000 // phone.rate, pcm)
         if not await phone.send({"event": "media", "media": media}):
             return
         phone.result.sent_seconds = (k + 1) * chunk / phone.rate
@@ -257,36 +345,57 @@ async def place_call(
     audio: np.ndarray,
     sample_rate: int,
     *,
+    provider: str = "exotel",
     seconds: float | None = None,
     custom_parameters: dict[str, str] | None = None,
-    chunk_ms: int = 100,
+    chunk_ms: int | None = None,
     min_chunk_bytes: int = 3200,
+    auth_token: str | None = None,
     stream_sid: str | None = None,
     call_sid: str | None = None,
     progress: Callable[[str], None] | None = None,
     hangup: bool = True,
     linger: float = 1.0,
 ) -> CallResult:
-    """Dial `url` as Exotel, say `audio`, and return what the caller heard and what the bot broke."""
+    """Dial `url` as the provider, say `audio`, and return what the caller heard and what the bot broke.
+
+    Exotel dials the stream URL with the rate and custom parameters in its query. Twilio takes the
+    voice webhook (http[s]://) and follows its TwiML, or a ws[s]:// stream URL directly; its audio is
+    always 8 kHz.
+    """
     custom_parameters = dict(custom_parameters or {})
-    if len(custom_parameters) > 3 or len(urlencode(custom_parameters)) > 256:
-        logger.warning("caller: Exotel allows at most 3 custom parameters, 256 characters in all")
     stream_sid = stream_sid or f"MZ{uuid.uuid4().hex}"
-    call_sid = call_sid or uuid.uuid4().hex
-    chunk = sample_rate * chunk_ms // 1000
+    call_sid = call_sid or f"CA{uuid.uuid4().hex}"
+    headers = {}
+    if provider == "twilio":
+        dialect: Exotel | Twilio = Twilio()
+        if sample_rate != 8000:
+            raise ValueError(f"Twilio streams are 8000 Hz, not {sample_rate}")
+        if url.startswith(("http://", "https://")):
+            url, from_twiml = await fetch_twiml(url, call_sid, auth_token)
+            custom_parameters = from_twiml | custom_parameters
+        if auth_token:
+            headers["X-Twilio-Signature"] = twilio_signature(auth_token, url)
+    elif provider == "exotel":
+        dialect = Exotel(min_chunk_bytes)
+        if len(custom_parameters) > 3 or len(urlencode(custom_parameters)) > 256:
+            logger.warning("caller: Exotel allows at most 3 custom parameters, 256 characters in all")
+        url = dial_url(url, sample_rate, custom_parameters)
+    else:
+        raise ValueError(f"the simulated caller speaks exotel or twilio, not {provider!r}")
+    chunk = sample_rate * (chunk_ms or dialect.chunk_ms) // 1000
     speech = _speech(audio, sample_rate, seconds, chunk)
-    async with connect(dial_url(url, sample_rate, custom_parameters), max_size=16 * 2**20,
-                       open_timeout=10) as ws:
-        await ws.send(json.dumps({"event": "connected"}))
-        phone = _Phone(ws, sample_rate, stream_sid, min_chunk_bytes)
-        await phone.send(_start_message(phone, call_sid, custom_parameters))
+    async with connect(url, max_size=16 * 2**20, open_timeout=10, additional_headers=headers) as ws:
+        connected = {"event": "connected"} if provider == "exotel" else {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+        await ws.send(json.dumps(connected))
+        phone = _Phone(ws, sample_rate, stream_sid, dialect)
+        await phone.send(dialect.start(phone, call_sid, custom_parameters))
         listener = asyncio.create_task(_listen(phone), name=f"caller-listen-{stream_sid}")
         clock = asyncio.create_task(_clock(phone, progress), name=f"caller-clock-{stream_sid}")
         try:
             await _speak(phone, speech, chunk)
             if hangup and not phone.server_closed.is_set():
-                await phone.send({"event": "stop", "stop": {"call_sid": call_sid, "account_sid": "simulated",
-                                                            "reason": "callended"}})
+                await phone.send(dialect.stop(call_sid))
             try:
                 await asyncio.wait_for(phone.server_closed.wait(), linger)
                 phone.result.close_code = ws.close_code

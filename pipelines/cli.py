@@ -87,16 +87,23 @@ def cmd_call(args) -> int:
 
     deployment = _load_plan(args.config)
     cfg = deployment.loaded.config
-    rate = args.sample_rate
+    tp = deployment.transport_params
+    provider = args.provider or cfg.transport.type
+    if provider not in ("exotel", "twilio"):
+        print(f"error: the simulated caller speaks exotel or twilio; {args.config} uses {provider} (try --provider)", file=sys.stderr)
+        return EXIT_CONFIG
+    rate = args.sample_rate or 8000
     url = args.url
     if not url:
         host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
-        url = f"ws://{host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '/')}"
+        twiml = getattr(tp, "twiml_path", None)
+        url = f"http://{host}:{cfg.server.port}{twiml}" if provider == "twilio" and twiml else f"ws://{host}:{cfg.server.port}{getattr(tp, 'path', '/')}"
     audio = read_wav(args.audio, rate)
     audio = np.concatenate([np.zeros(int(args.delay * rate), np.int16), audio])
     params = dict(p.split("=", 1) for p in args.param)
     seconds = args.seconds if args.seconds is not None else len(audio) / rate + ANSWER_SECONDS
-    result = asyncio.run(place_call(url, audio, rate, seconds=seconds, custom_parameters=params,
+    result = asyncio.run(place_call(url, audio, rate, provider=provider, seconds=seconds, custom_parameters=params,
+                                    auth_token=getattr(tp, "auth_token", None) or None,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True)))
     write_wav(args.out, result.heard, result.sample_rate)
     print(f"wrote {args.out}: {len(result.heard) / rate:.1f} s heard, {len(result.messages)} messages from the bot, "
@@ -140,11 +147,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the deployment whose server to dial")
     p.add_argument("--audio", required=True, help="WAV the caller says")
     p.add_argument("--out", required=True, help="WAV of what the caller heard")
-    p.add_argument("--url", help="ws:// URL to dial (default: from the config)")
+    p.add_argument("--url", help="URL to dial: Exotel's ws:// stream, Twilio's http:// webhook or ws:// stream (default: from the config)")
+    p.add_argument("--provider", choices=("exotel", "twilio"), help="speak this provider's protocol (default: the config's transport)")
     p.add_argument("--seconds", type=float, help="call length (default: the audio's length plus the answer)")
     p.add_argument("--delay", type=float, default=1.5,
                    help="silence before the caller speaks: the engine hears nothing before its handshake (default 1.5 s)")
-    p.add_argument("--sample-rate", type=int, default=8000, choices=(8000, 16000, 24000))
+    p.add_argument("--sample-rate", type=int, choices=(8000, 16000, 24000), help="Exotel only (default 8000); Twilio is 8000")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
     p.set_defaults(func=cmd_call)
 

@@ -57,8 +57,12 @@ def processors() -> dict[str, ProcessorEntry]:
 
 def transports() -> dict[str, TransportEntry]:
     from transports.exotel import ExotelParams, ExotelProtocol
+    from transports.twilio import TwilioParams, TwilioProtocol
 
-    entries = [TransportEntry("exotel", ExotelProtocol, ExotelParams, _summary(ExotelProtocol))]
+    entries = [
+        TransportEntry("exotel", ExotelProtocol, ExotelParams, _summary(ExotelProtocol)),
+        TransportEntry("twilio", TwilioProtocol, TwilioParams, _summary(TwilioProtocol)),
+    ]
     return {e.name: e for e in entries}
 
 

@@ -79,7 +79,7 @@ class PersonaPlexProcessor(FrameProcessor):
         self._failed = False
         self._last_sent = 0.0
         self._last_heard = 0.0
-        self.stats = {"frames_before_handshake": 0, "pages_sent": 0, "pages_received": 0, "text_pieces": 0}
+        self.stats = {"persona": "default", "frames_before_handshake": 0, "pages_sent": 0, "pages_received": 0, "text_pieces": 0}
 
     @property
     def ready(self) -> bool:
@@ -90,10 +90,14 @@ class PersonaPlexProcessor(FrameProcessor):
         default = Persona(voice_prompt=self._params.voice_prompt, text_prompt=self._params.text_prompt)
         wanted = custom_parameters.get(self._params.persona_parameter)
         if wanted is None:
+            self.stats["persona"] = "default"
             return default
         if wanted not in self._params.personas:
-            logger.warning(f"call {self._call_id}: persona {wanted!r} is not allow-listed; using the default")
+            logger.warning(f"call {self._call_id}: persona {wanted[:40]!r} refused: not on the allow-list "
+                           f"({', '.join(sorted(self._params.personas)) or 'empty'}); using the default")
+            self.stats["persona"] = "default (refused)"
             return default
+        self.stats["persona"] = wanted
         return self._params.personas[wanted]
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):

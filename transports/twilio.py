@@ -180,7 +180,8 @@ class TwilioProtocol(JsonProtocol):
         return {params.twiml_path: twiml_endpoint}
 
     def hangup_request(self, params: TwilioParams) -> dict | None:
-        if not (params.hang_up and params.account_sid and params.auth_token and self.call):
+        """Ends the call when we hung up; after Twilio's `stop` the call is already over."""
+        if not (params.hang_up and params.account_sid and params.auth_token and self.call) or self._stopped:
             return None
         return {
             "method": "POST",

@@ -1,0 +1,157 @@
+"""Twilio end to end: `python -m pipelines run` on the shipped twilio.yaml with signatures on, dialled
+over loopback by the simulated Twilio caller (webhook -> TwiML -> signed stream upgrade)."""
+
+import asyncio
+import audioop
+import base64
+import json
+import os
+import textwrap
+import urllib.request
+
+import numpy as np
+import pytest
+import websockets
+import yaml
+from aiohttp import web
+
+from pipelines import builder, config
+from pipelines.audio import read_wav, write_wav
+from pipelines.caller import place_call, twilio_signature
+from pipelines.config import CONFIG_DIR
+from pipelines.launch import free_port, launched, run_command
+from pipelines.server import CallServer
+from tests.fixtures import FIXTURES, energy_onset, fixture_wav
+
+RATE = 8000
+TOKEN = "test-auth-token"
+SILENT_RMS = 50
+
+
+def deployment(tmp_path, **reference) -> str:
+    """configs/twilio.yaml with the reference engine scripted for one scenario."""
+    cfg = yaml.safe_load((CONFIG_DIR / "twilio.yaml").read_text())
+    cfg["engine"]["reference"] = reference
+    path = tmp_path / "twilio.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def stats(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def finished_call(port: int) -> dict:
+    for _ in range(50):
+        recent = (await asyncio.to_thread(stats, port))["recent_calls"]
+        if recent:
+            return recent[-1]["stats"]
+        await asyncio.sleep(0.1)
+    raise AssertionError("the call never finished on the server")
+
+
+def mulaw_media(result) -> list[tuple[float, np.ndarray]]:
+    return [(t, np.frombuffer(audioop.ulaw2lin(base64.b64decode(m["media"]["payload"]), 2), np.int16))
+            for t, m in result.messages if m["event"] == "media"]
+
+
+def rms(pcm: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
+
+
+async def test_a_signed_twilio_call_hears_its_echo_gets_its_persona_and_marks_round_trip(tmp_path):
+    said, _ = fixture_wav("question_8k")
+    audio = np.concatenate([np.zeros(int(1.5 * RATE), np.int16), said])
+    port = free_port()
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN}
+    echo_delay = len(said) / RATE + 0.3  # the echo starts once the caller finished: no barge-in
+    cfg = deployment(tmp_path, mode="echo", handshake_delay=0.3, echo_delay=echo_delay)
+    with launched(run_command(cfg, port), port, env=env):
+        result = await place_call(f"http://127.0.0.1:{port}/twilio/twiml?persona=sales", audio, RATE, provider="twilio",
+                                  auth_token=TOKEN, seconds=len(audio) / RATE + echo_delay + 1.0)
+        call = await finished_call(port)
+    assert result.violations == []
+    assert call["personaplex"]["persona"] == "sales"  # <Parameter name="persona"> from the webhook's query
+    assert result.marks_echoed and call["pacer"]["marks_echoed"] >= 1  # (the greeting clip was talked over: one clear)
+    # the echo: the caller's words come back echo_delay later, audible
+    onset = 1.5 + energy_onset(said, RATE) * 0.02 + echo_delay
+    assert rms(result.heard[int(onset * RATE):]) > 300
+
+
+async def test_talking_over_the_bot_on_twilio_sends_one_clear_and_then_only_silence(tmp_path):
+    sentence = read_wav(FIXTURES / "question_16k.wav", 24000)[4800:-4800]
+    bot = tmp_path / "bot.wav"
+    write_wav(bot, np.tile(sentence, 2), 24000)
+    cfg = deployment(tmp_path, mode="script", handshake_delay=0.5, script=[{"at": 0.5, "wav": str(bot), "text": "I would like"}])
+    said, _ = fixture_wav("interrupt_8k")
+    speak_at = 3.0
+    audio = np.concatenate([np.zeros(round(speak_at * RATE), np.int16), said])
+    port = free_port()
+    with launched(run_command(cfg, port), port):
+        result = await place_call(f"ws://127.0.0.1:{port}/twilio", audio, RATE, provider="twilio", seconds=7.0)
+        call = await finished_call(port)
+    onset = speak_at + energy_onset(said, RATE) * 0.02
+    clears = [t for t, m in result.messages if m["event"] == "clear"]
+    assert len(clears) == 1 and clears[0] > onset
+    assert max(rms(p) for t, p in mulaw_media(result) if t < onset) > 1000
+    after = [rms(p) for t, p in mulaw_media(result) if t > clears[0]]
+    assert after and max(after) < SILENT_RMS  # μ-law of digital silence decodes to silence
+    assert result.violations == []
+    assert call["barge_in"]["interruptions"] == 1
+
+
+async def test_an_unsigned_upgrade_is_refused_with_403_before_any_pipeline(tmp_path):
+    port = free_port()
+    with launched(run_command(deployment(tmp_path, mode="echo"), port), port, env={**os.environ, "TWILIO_AUTH_TOKEN": TOKEN}):
+        for headers in ({}, {"X-Twilio-Signature": twilio_signature("wrong-token", f"ws://127.0.0.1:{port}/twilio")}):
+            with pytest.raises(websockets.InvalidStatus) as info:
+                async with websockets.connect(f"ws://127.0.0.1:{port}/twilio", additional_headers=headers):
+                    pass
+            assert info.value.response.status_code == 403
+        with pytest.raises(ConnectionError, match="403"):  # the webhook too
+            await place_call(f"http://127.0.0.1:{port}/twilio/twiml", np.zeros(RATE, np.int16), RATE, provider="twilio")
+        s = await asyncio.to_thread(stats, port)
+    assert s["upgrades_refused"] == 2 and s["calls_total"] == 0 and s["connections"] == 0
+
+
+DEPLOYMENT = """\
+transport:
+  type: twilio
+  params: {{hang_up: true, account_sid: AC42, auth_token: tok, api_base_url: "{api}"}}
+processors:
+  - type: pacer
+"""
+
+
+async def test_rest_hang_up_when_we_end_the_call_and_not_after_twilios_stop(tmp_path):
+    hits: list[tuple[str, dict, str]] = []
+
+    async def calls(request: web.Request) -> web.Response:
+        hits.append((request.path, dict(await request.post()), request.headers.get("Authorization", "")))
+        return web.json_response({"status": "completed"})
+
+    api = web.Application()
+    api.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call}.json", calls)
+    runner = web.AppRunner(api)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    path = tmp_path / "d.yaml"
+    path.write_text(textwrap.dedent(DEPLOYMENT.format(api=f"http://127.0.0.1:{runner.addresses[0][1]}")))
+    server = CallServer(builder.plan(config.load(path, {})), None, "127.0.0.1", 0)
+    await server.start()
+    try:
+        url = f"ws://127.0.0.1:{server.port}/twilio"
+        await place_call(url, np.zeros(RATE, np.int16), RATE, provider="twilio", auth_token="tok", seconds=0.5,
+                         call_sid="CAstopped", linger=0.5)
+        await place_call(url, np.zeros(RATE, np.int16), RATE, provider="twilio", auth_token="tok", seconds=0.5,
+                         call_sid="CAours", hangup=False, linger=0.1)  # the socket just closes: no `stop`
+        for _ in range(50):
+            if server.totals["rest_hangups"]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await server.stop()
+        await runner.cleanup()
+    assert [(p, f) for p, f, _ in hits] == [("/2010-04-01/Accounts/AC42/Calls/CAours.json", {"Status": "completed"})]
+    assert hits[0][2] == "Basic " + base64.b64encode(b"AC42:tok").decode()
