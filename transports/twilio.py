@@ -10,6 +10,7 @@ and REST hang-up live in transports/twilio_http.py.
 import audioop
 import base64
 from typing import Any
+from urllib.parse import urlsplit
 
 from loguru import logger
 from pipecat.frames.frames import Frame
@@ -46,6 +47,21 @@ class TwilioParams(BaseModel):
         if not value.startswith("/") or "?" in value:
             raise ValueError(f"must start with '/' and carry no query string (Twilio refuses one): {value!r}")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # `${TWILIO_PUBLIC_URL:-}` left empty: take Host / X-Forwarded-*
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.netloc or parts.path.strip("/") or parts.query:
+            raise ValueError(f"must be an origin like https://bot.example.com (no path or query): {value!r}")
+        return value
+
+    @field_validator("auth_token", "account_sid")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
 
     @field_validator("chunk_ms")
     @classmethod

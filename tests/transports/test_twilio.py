@@ -123,7 +123,13 @@ def test_rest_hang_up_only_with_credentials_and_consent():
     assert started().hangup_request(params.model_copy(update={"hang_up": False})) is None
 
 
-@pytest.mark.parametrize("bad", [{"path": "twilio"}, {"path": "/twilio?x=1"}, {"chunk_ms": 30}, {"nope": 1}])
+@pytest.mark.parametrize("bad", [{"path": "twilio"}, {"path": "/twilio?x=1"}, {"chunk_ms": 30}, {"nope": 1},
+                                 {"public_url": "bot.example.com"}, {"public_url": "https://bot.example.com/voice"}])
 def test_params_refuse_what_twilio_would(bad):
     with pytest.raises(ValidationError):
         TwilioParams(**bad)
+
+
+def test_empty_settings_from_unset_environment_variables_mean_off():
+    params = TwilioParams(public_url="", auth_token="", account_sid="")
+    assert (params.public_url, params.auth_token, params.account_sid) == (None, None, None)
