@@ -1,6 +1,7 @@
 """The simulated Exotel caller against small scripted bots on a real loopback WebSocket server."""
 
 import asyncio
+import audioop
 import base64
 import json
 from urllib.parse import parse_qs, urlsplit
@@ -271,3 +272,35 @@ def test_wav_round_trip(tmp_path, ready8k):
     write_wav(tmp_path / "s.wav", stereo, 8000)
     assert read_wav(tmp_path / "s.wav", 16000).shape == (2 * len(ready8k),)
     assert abs(len(read_wav(READY_WAV, 8000)) / 8000 - 0.73) < 0.01
+
+
+async def test_as_twilio_it_speaks_mulaw_camelcase_and_reports_extra_fields():
+    rate = 8000
+    audio = read_wav(READY_WAV, rate)[:4000]
+
+    async def script(bot):
+        await bot.at(0.05)
+        pcm = audioop.lin2ulaw(np.full(800, 1000, np.int16).tobytes(), 2)
+        await bot.send({"event": "media", "streamSid": "MZtw", "media": {"payload": base64.b64encode(pcm).decode()}})
+        await bot.send({"event": "mark", "streamSid": "MZtw", "mark": {"name": "m1"}})
+        await bot.send({"event": "media", "streamSid": "MZtw", "sequenceNumber": "3",  # Twilio error 31951
+                        "media": {"payload": base64.b64encode(pcm).decode(), "chunk": "1"}})
+
+    bot = Bot(script)
+    async with serve(bot.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        result = await place_call(f"ws://127.0.0.1:{port}/twilio", audio, rate, provider="twilio",
+                                  custom_parameters={"persona": "sales"}, stream_sid="MZtw", call_sid="CAtw", linger=0.2)
+    connected, start = bot.received[0][1], bot.received[1][1]
+    assert connected == {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+    assert start["streamSid"] == "MZtw" and start["start"]["callSid"] == "CAtw"
+    assert start["start"]["mediaFormat"] == {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+    assert start["start"]["customParameters"] == {"persona": "sales"}
+    sent = bot.events("media")
+    assert len(sent) == 4000 // 160 and all(len(base64.b64decode(m["media"]["payload"])) == 160 for _, m in sent)
+    assert sent[0][1]["media"]["track"] == "inbound"
+    assert bot.received[-1][1] == {"event": "stop", "sequenceNumber": bot.received[-1][1]["sequenceNumber"],
+                                   "streamSid": "MZtw", "stop": {"accountSid": "ACsimulated", "callSid": "CAtw"}}
+    assert result.marks_echoed == ["m1"]
+    assert len(result.violations) == 2 and all("31951" in v for v in result.violations)
+    assert abs(result.heard[int(0.06 * rate)] - 1000) < 40  # μ-law decoded on playout
