@@ -34,7 +34,7 @@ class TwilioParams(BaseModel):
     trust_forwarded_headers: bool = Field(True, description="honour X-Forwarded-Proto/Host behind a proxy")
     auth_token: str | None = Field(None, description="set: X-Twilio-Signature is required on TwiML and upgrade")
     account_sid: str | None = Field(None, description="with auth_token and hang_up: REST hang-up at call end")
-    hang_up: bool = Field(False, description="end the call over REST when the bot hangs up")
+    hang_up: bool = Field(True, description="end the call over REST when we hang up; needs account_sid + auth_token")
     api_base_url: str = "https://api.twilio.com"
     parameters: dict[str, str] = Field(default_factory=dict, description="<Parameter>s sent with every stream")
     forward_query: bool = Field(True, description="webhook query parameters (e.g. ?persona=sales) become <Parameter>s")

@@ -116,7 +116,8 @@ def test_nothing_can_be_sent_before_start_but_clear_is_harmless():
 
 def test_rest_hang_up_only_with_credentials_and_consent():
     assert started().hangup_request(TwilioParams()) is None
-    params = TwilioParams(hang_up=True, account_sid="AC123", auth_token="tok", api_base_url="http://127.0.0.1:9/")
+    assert started().hangup_request(TwilioParams(account_sid="AC123")) is None  # no token, no REST
+    params = TwilioParams(account_sid="AC123", auth_token="tok", api_base_url="http://127.0.0.1:9/")
     req = started().hangup_request(params)
     assert req == {"method": "POST", "url": f"http://127.0.0.1:9/2010-04-01/Accounts/AC123/Calls/{CALL}.json",
                    "data": {"Status": "completed"}, "auth": ("AC123", "tok")}
