@@ -101,10 +101,19 @@ def _check_kwargs(loaded: LoadedConfig, entry: ProcessorEntry, params: dict, loc
         raise loaded.error(loc, f"{entry.name}: {exc}") from None
 
 
+def _takes_engine(p: ProcessorPlan) -> bool:
+    return isinstance(p.params, BaseModel) and "engine_url" in inspect.signature(p.entry.cls).parameters
+
+
+def uses_engine(deployment: DeploymentPlan) -> bool:
+    """Whether any processor talks to the deployment's engine (else no reference engine is started)."""
+    return any(_takes_engine(p) for p in deployment.processors)
+
+
 def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
     kwargs: dict[str, Any] = {"name": p.name} if p.name else {}
     if isinstance(p.params, BaseModel):
-        if "engine_url" in inspect.signature(p.entry.cls).parameters:
+        if _takes_engine(p):
             kwargs["engine_url"] = engine_url
         if p.prepared is not None:
             kwargs["prepared"] = p.prepared

@@ -25,8 +25,11 @@ def _load_plan(name: str):
 def cmd_validate(args) -> int:
     deployment = _load_plan(args.config)
     cfg = deployment.loaded.config
+    from pipelines.builder import uses_engine
+
     names = " -> ".join(p.entry.name for p in deployment.processors)
-    print(f"{deployment.loaded.path}: ok: {cfg.transport.type} on {cfg.server.host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '')}; processors: {names or '(none)'}; engine: {cfg.engine.url or 'embedded reference engine'}")
+    engine = (cfg.engine.url or "embedded reference engine") if uses_engine(deployment) else "none used"
+    print(f"{deployment.loaded.path}: ok: {cfg.transport.type} on {cfg.server.host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '')}; processors: {names or '(none)'}; engine: {engine}")
     return 0
 
 
@@ -41,6 +44,7 @@ def cmd_list(args) -> int:
 
 
 async def _serve(args) -> int:
+    from pipelines.builder import uses_engine
     from pipelines.engine import ReferenceEngine
     from pipelines.server import CallServer
 
@@ -48,7 +52,7 @@ async def _serve(args) -> int:
     cfg = deployment.loaded.config
     engine = None
     engine_url = cfg.engine.url
-    if not engine_url:
+    if not engine_url and uses_engine(deployment):
         engine = ReferenceEngine(cfg.engine.reference)
         await engine.start("127.0.0.1", 0)
         engine_url = engine.url

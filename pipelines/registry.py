@@ -38,6 +38,7 @@ def processors() -> dict[str, ProcessorEntry]:
     from processors.barge_in import BargeInProcessor
     from processors.bot_speech import BotSpeechProcessor
     from processors.holding import HoldingProcessor
+    from processors.llm_context import LLMContextProcessor
     from processors.pacer import PacerProcessor
     from processors.personaplex import PersonaPlexProcessor
     from processors.resample import ResampleProcessor
@@ -51,6 +52,7 @@ def processors() -> dict[str, ProcessorEntry]:
         "bot_speech": BotSpeechProcessor,
         "holding": HoldingProcessor,
         "pacer": PacerProcessor,
+        "llm_context": LLMContextProcessor,
     }
     return {name: ProcessorEntry(name, cls, cls.Params, _summary(cls)) for name, cls in classes.items()}
 

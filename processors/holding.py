@@ -129,6 +129,7 @@ class HoldingProcessor(FrameProcessor):
         if downstream and isinstance(frame, OutputAudioRawFrame) and not isinstance(frame, TTSAudioRawFrame):
             self._engine_ready.set()
         elif downstream and isinstance(frame, TTSStartedFrame) and not _is_clip(frame):
+            self._engine_ready.set()  # a TTS (cascade) sends no audio before it speaks
             self._model_speaking = True
             await self._cancel_slow()
             await self._fade_clip()
