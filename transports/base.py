@@ -18,7 +18,7 @@ from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import Frame, InputAudioRawFrame, InputDTMFFrame
 
-from transports.frames import CallInfo
+from transports.frames import CallInfo, CallStoppedFrame, MarkPlayedFrame
 
 LOG_FIRST = 5
 LOG_EVERY = 100
@@ -132,6 +132,39 @@ class JsonProtocol:
         if self.call is None:
             raise Drop(f"{kind}_before_start")
         return self.call
+
+    # ---- the media-stream events Exotel and Twilio share -----------------------------
+
+    _stopped = False
+
+    def _on_connected(self, data: dict) -> list[Frame]:
+        logger.debug(f"{self.name} connected {({k: v for k, v in data.items() if k != self.type_key})}")
+        return []
+
+    def start_body(self, data: dict, sid: Any) -> Mapping:
+        """The `start` object of the first `start` event; a second one is refused."""
+        if self.call is not None:
+            raise Drop("duplicate_start", f"stream {sid}")
+        start = data.get("start")
+        if not isinstance(start, Mapping):
+            raise Drop("missing_start", "no start object")
+        return start
+
+    def _on_mark(self, data: dict) -> list[Frame]:
+        self.require_call("mark")
+        name = pick(data.get("mark"), "name")
+        if name is None:
+            raise Drop("missing_mark_name")
+        return [MarkPlayedFrame(mark=str(name))]
+
+    def _on_stop(self, data: dict) -> list[Frame]:
+        # Accepted before `start` too: the call is over either way and the pipeline must end.
+        if self._stopped:
+            raise Drop("duplicate_stop")
+        self._stopped = True
+        reason = str(pick(data.get("stop"), "reason") or "")
+        logger.info(f"{self.name} call {self.call_id}: stop ({reason or 'no reason'})")
+        return [CallStoppedFrame(reason=reason)]
 
     # ---- optional hooks ------------------------------------------------------------
 

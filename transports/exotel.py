@@ -16,7 +16,7 @@ from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from transports.base import Drop, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
-from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
+from transports.frames import CallInfo, CallStartedFrame
 
 SUPPORTED_RATES = (8000, 16000, 24000)
 DEFAULT_RATE = 8000  # Exotel's documented default when ?sample-rate= is absent
@@ -93,7 +93,6 @@ class ExotelProtocol(JsonProtocol):
         super().__init__(params.max_message_bytes)
         self.params = params
         self.query = dict(query or {})
-        self._stopped = False
         self._chunk = 0  # wire bytes per outbound media message, fixed at start
         self._pending = bytearray()  # bot PCM not yet sent
         self._seq = 0
@@ -105,17 +104,8 @@ class ExotelProtocol(JsonProtocol):
 
     # ---- inbound -------------------------------------------------------------
 
-    def _on_connected(self, data: dict) -> list[Frame]:
-        extra = {k: v for k, v in data.items() if k != "event"}
-        logger.debug(f"exotel connected {extra}")
-        return []
-
     def _on_start(self, data: dict) -> list[Frame]:
-        if self.call is not None:
-            raise Drop("duplicate_start", f"stream {pick(data, 'stream_sid', 'streamSid')}")
-        start = data.get("start")
-        if not isinstance(start, Mapping):
-            raise Drop("missing_start", "no start object")
+        start = self.start_body(data, pick(data, "stream_sid", "streamSid"))
         stream_id = pick(start, "stream_sid", "streamSid") or pick(data, "stream_sid", "streamSid")
         call_id = pick(start, "call_sid", "callSid")
         if not stream_id:
@@ -186,29 +176,13 @@ class ExotelProtocol(JsonProtocol):
         self.require_call("dtmf")
         return [dtmf_frame(pick(data.get("dtmf"), "digit"))]
 
-    def _on_mark(self, data: dict) -> list[Frame]:
-        self.require_call("mark")
-        name = pick(data.get("mark"), "name")
-        if name is None:
-            raise Drop("missing_mark_name")
-        return [MarkPlayedFrame(mark=str(name))]
-
-    def _on_stop(self, data: dict) -> list[Frame]:
-        # Accepted before `start` too: the call is over either way and the pipeline must end.
-        if self._stopped:
-            raise Drop("duplicate_stop")
-        self._stopped = True
-        reason = str(pick(data.get("stop"), "reason") or "")
-        logger.info(f"exotel call {self.call_id}: stop ({reason or 'no reason'})")
-        return [CallStoppedFrame(reason=reason)]
-
     _handlers = {
-        "connected": _on_connected,
+        "connected": JsonProtocol._on_connected,
         "start": _on_start,
         "media": _on_media,
         "dtmf": _on_dtmf,
-        "mark": _on_mark,
-        "stop": _on_stop,
+        "mark": JsonProtocol._on_mark,
+        "stop": JsonProtocol._on_stop,
     }
 
     # ---- outbound ------------------------------------------------------------

@@ -17,7 +17,7 @@ from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from transports.base import Drop, HttpRequest, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
-from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
+from transports.frames import CallInfo, CallStartedFrame
 from transports.twilio_http import check_upgrade, twiml_endpoint
 
 RATE = 8000  # bidirectional streams are audio/x-mulaw at 8000 Hz, nothing else
@@ -79,20 +79,11 @@ class TwilioProtocol(JsonProtocol):
     def __init__(self, params: TwilioParams, query: dict[str, str] | None = None):
         super().__init__(params.max_message_bytes)
         self.params = params
-        self._stopped = False
 
     # ---- inbound -------------------------------------------------------------
 
-    def _on_connected(self, data: dict) -> list[Frame]:
-        logger.debug(f"twilio connected: protocol {data.get('protocol')} version {data.get('version')}")
-        return []
-
     def _on_start(self, data: dict) -> list[Frame]:
-        if self.call is not None:
-            raise Drop("duplicate_start", f"stream {data.get('streamSid')}")
-        start = data.get("start")
-        if not isinstance(start, dict):
-            raise Drop("missing_start", "no start object")
+        start = self.start_body(data, data.get("streamSid"))
         stream_sid = pick(start, "streamSid") or data.get("streamSid")
         call_sid = pick(start, "callSid")
         if not stream_sid or not call_sid:
@@ -139,25 +130,15 @@ class TwilioProtocol(JsonProtocol):
 
     def _on_mark(self, data: dict) -> list[Frame]:
         self._check_stream("mark", data)
-        name = pick(data.get("mark"), "name")
-        if name is None:
-            raise Drop("missing_mark_name")
-        return [MarkPlayedFrame(mark=str(name))]
-
-    def _on_stop(self, data: dict) -> list[Frame]:
-        if self._stopped:
-            raise Drop("duplicate_stop")
-        self._stopped = True
-        logger.info(f"twilio call {self.call_id}: stop")
-        return [CallStoppedFrame(reason="stop")]
+        return JsonProtocol._on_mark(self, data)
 
     _handlers = {
-        "connected": _on_connected,
+        "connected": JsonProtocol._on_connected,
         "start": _on_start,
         "media": _on_media,
         "dtmf": _on_dtmf,
         "mark": _on_mark,
-        "stop": _on_stop,
+        "stop": JsonProtocol._on_stop,
     }
 
     # ---- outbound ------------------------------------------------------------
