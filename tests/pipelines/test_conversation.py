@@ -1,54 +1,28 @@
 """The conversation core end to end: `python -m pipelines run` on the shipped exotel.yaml (only the
 reference engine's behaviour changed), dialled over loopback by the simulated Exotel caller."""
 
-import asyncio
 import base64
-import json
-import urllib.request
 
 import numpy as np
-import yaml
 
 from pipelines.audio import read_wav, write_wav
 from pipelines.caller import place_call
 from pipelines.config import CONFIG_DIR
 from pipelines.launch import free_port, launched, run_command
 from tests.fixtures import FIXTURES, energy_onset, fixture_wav
+from tests.pipelines.served import finished_call, rms, scripted_config
 
 RATE = 8000
 SILENT_RMS = 50
 
 
 def deployment(tmp_path, **reference) -> str:
-    """configs/exotel.yaml with the reference engine scripted for one scenario."""
-    config = yaml.safe_load((CONFIG_DIR / "exotel.yaml").read_text())
-    config["engine"]["reference"] = reference
-    path = tmp_path / "exotel.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def stats(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def finished_call(port: int) -> dict:
-    for _ in range(50):
-        recent = (await asyncio.to_thread(stats, port))["recent_calls"]
-        if recent:
-            return recent[-1]["stats"]
-        await asyncio.sleep(0.1)
-    raise AssertionError("the call never finished on the server")
+    return scripted_config(tmp_path, "exotel.yaml", **reference)
 
 
 def media(result) -> list[tuple[float, np.ndarray]]:
     return [(t, np.frombuffer(base64.b64decode(m["media"]["payload"]), np.int16))
             for t, m in result.messages if m["event"] == "media"]
-
-
-def rms(pcm: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
 
 
 def best_match(heard: np.ndarray, clip: np.ndarray) -> float:

@@ -4,24 +4,21 @@ over loopback by the simulated Twilio caller (webhook -> TwiML -> signed stream 
 import asyncio
 import audioop
 import base64
-import json
 import os
 import textwrap
-import urllib.request
 
 import numpy as np
 import pytest
 import websockets
-import yaml
 from aiohttp import web
 
 from pipelines import builder, config
 from pipelines.audio import read_wav, write_wav
 from pipelines.caller import place_call, twilio_signature
-from pipelines.config import CONFIG_DIR
 from pipelines.launch import free_port, launched, run_command
 from pipelines.server import CallServer
 from tests.fixtures import FIXTURES, energy_onset, fixture_wav
+from tests.pipelines.served import finished_call, rms, scripted_config, stats
 
 RATE = 8000
 TOKEN = "test-auth-token"
@@ -29,35 +26,12 @@ SILENT_RMS = 50
 
 
 def deployment(tmp_path, **reference) -> str:
-    """configs/twilio.yaml with the reference engine scripted for one scenario."""
-    cfg = yaml.safe_load((CONFIG_DIR / "twilio.yaml").read_text())
-    cfg["engine"]["reference"] = reference
-    path = tmp_path / "twilio.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def stats(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def finished_call(port: int) -> dict:
-    for _ in range(50):
-        recent = (await asyncio.to_thread(stats, port))["recent_calls"]
-        if recent:
-            return recent[-1]["stats"]
-        await asyncio.sleep(0.1)
-    raise AssertionError("the call never finished on the server")
+    return scripted_config(tmp_path, "twilio.yaml", **reference)
 
 
 def mulaw_media(result) -> list[tuple[float, np.ndarray]]:
     return [(t, np.frombuffer(audioop.ulaw2lin(base64.b64decode(m["media"]["payload"]), 2), np.int16))
             for t, m in result.messages if m["event"] == "media"]
-
-
-def rms(pcm: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
 
 
 async def test_a_signed_twilio_call_hears_its_echo_gets_its_persona_and_marks_round_trip(tmp_path):
