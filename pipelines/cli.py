@@ -62,7 +62,9 @@ async def _serve(args) -> int:
         )
     server = CallServer(deployment, engine_url, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
     await server.start()
-    print(f"serving {cfg.transport.type} calls on ws://{server.host}:{server.port}{server.path} (stats: http://{server.host}:{server.port}/stats)", flush=True)
+    page = getattr(deployment.transport_params, "page_path", None)
+    extra = f"; page: http://{server.host}:{server.port}{page}" if page else ""
+    print(f"serving {cfg.transport.type} calls on ws://{server.host}:{server.port}{server.path} (stats: http://{server.host}:{server.port}/stats{extra})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -58,12 +58,14 @@ def processors() -> dict[str, ProcessorEntry]:
 
 
 def transports() -> dict[str, TransportEntry]:
+    from transports.browser import BrowserParams, BrowserProtocol
     from transports.exotel import ExotelParams, ExotelProtocol
     from transports.twilio import TwilioParams, TwilioProtocol
 
     entries = [
         TransportEntry("exotel", ExotelProtocol, ExotelParams, _summary(ExotelProtocol)),
         TransportEntry("twilio", TwilioProtocol, TwilioParams, _summary(TwilioProtocol)),
+        TransportEntry("browser", BrowserProtocol, BrowserParams, _summary(BrowserProtocol)),
     ]
     return {e.name: e for e in entries}
 

@@ -57,6 +57,17 @@ def test_shipped_exotel_config_is_valid():
         "vad", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
 
 
+@pytest.mark.parametrize("name", ["exotel.yaml", "twilio.yaml", "browser.yaml"])
+def test_every_shipped_call_config_runs_the_conversation_core(name):
+    """Only the transport differs between providers: the same chain, on by default."""
+    deployment = load_plan(name)
+    assert deployment.loaded.config.transport.type == name.removesuffix(".yaml")
+    assert [p.entry.name for p in deployment.processors] == [
+        "vad", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
+    personas = {n: p.params.personas for n, p in [(q.entry.name, q) for q in deployment.processors] if n == "personaplex"}
+    assert set(personas["personaplex"]) == {"support", "sales"}
+
+
 def test_env_substitution_with_defaults_and_types(tmp_path):
     path = write(tmp_path, GOOD)
     cfg = load_plan(path, {"PORT": "6060", "PERSONAPLEX_URL": "wss://gpu:8998", "VOICE": "VARM1.pt"})
