@@ -59,9 +59,14 @@ def launched(argv: list[str], port: int = 0, *, env: dict | None = None, timeout
             raise RuntimeError(f"{' '.join(argv)} did not start:\n" + "".join(lines))
         yield Launched(proc, port, "".join(lines))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import yaml
-from loguru import logger
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -49,14 +48,6 @@ def started(params: BrowserParams | None = None, query=None, **init) -> BrowserP
 
 def sent(messages: list[str]) -> list[dict]:
     return [json.loads(m) for m in messages]
-
-
-@pytest.fixture
-def warnings():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 # ---- inbound ----------------------------------------------------------------------------------

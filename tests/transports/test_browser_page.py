@@ -23,6 +23,7 @@ from pipelines import builder, config
 from pipelines.audio import read_wav, write_wav
 from pipelines.config import CONFIG_DIR
 from pipelines.engine import ReferenceEngine
+from pipelines.launch import stop_process
 from pipelines.server import CallServer
 from tests.fixtures import FIXTURES
 
@@ -138,12 +139,7 @@ async def browser(chromium: str, tmp_path: Path, mic_wav: Path):
             finally:
                 page._reader.cancel()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @contextlib.asynccontextmanager

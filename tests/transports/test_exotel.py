@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import InputAudioRawFrame, InputDTMFFrame
 from pydantic import ValidationError
@@ -51,15 +50,6 @@ def started(params: ExotelParams | None = None, query=None, **kw) -> ExotelProto
 
 def speech(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(-8000, 8000, n, dtype=np.int16).tobytes()
-
-
-@pytest.fixture
-def warnings():
-    """Warning-level log lines emitted during the test."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 # ---- inbound events ---------------------------------------------------------------------------
