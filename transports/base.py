@@ -133,6 +133,12 @@ class JsonProtocol:
             raise Drop(f"{kind}_before_start")
         return self.call
 
+    def _started(self) -> CallInfo:
+        """The call, for outbound messages: nothing can be rendered before the call started."""
+        if self.call is None:
+            raise RuntimeError(f"{self.name}: the call has not started, so its stream id and rate are unknown")
+        return self.call
+
     # ---- the media-stream events Exotel and Twilio share -----------------------------
 
     _stopped = False

@@ -230,11 +230,6 @@ class BrowserProtocol(JsonProtocol):
     def goodbye(self) -> list[str]:
         return [dump({"type": "session_ended", "reason": self._end_reason})]
 
-    def _started(self) -> CallInfo:
-        if self.call is None:
-            raise RuntimeError("browser: no `init` received yet, the call rate is unknown")
-        return self.call
-
     # ---- the page ------------------------------------------------------------
 
     @classmethod

@@ -234,11 +234,6 @@ class ExotelProtocol(JsonProtocol):
             return []
         return [dump({"event": "clear", self._sid_key: self.call.stream_id})]
 
-    def _started(self) -> CallInfo:
-        if self.call is None:
-            raise RuntimeError("exotel: no `start` received yet, the stream id and rate are unknown")
-        return self.call
-
     def _media(self, call: CallInfo, pcm: bytes) -> str:
         wire = audioop.lin2ulaw(pcm, 2) if call.encoding == "mulaw" else pcm
         self._chunks_sent += 1

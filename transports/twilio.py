@@ -161,11 +161,6 @@ class TwilioProtocol(JsonProtocol):
         """Twilio drops what it queued and echoes every pending mark."""
         return [] if self.call is None else [dump({"event": "clear", "streamSid": self.call.stream_id})]
 
-    def _started(self) -> CallInfo:
-        if self.call is None:
-            raise RuntimeError("twilio: no `start` received yet, the stream sid is unknown")
-        return self.call
-
     # ---- HTTP side (pure; see twilio_http.py) ----------------------------------
 
     @classmethod
