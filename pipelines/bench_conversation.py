@@ -274,8 +274,9 @@ class Call:
     chunks: list[Chunk] = field(default_factory=list)
 
 
-def our_yaml(path, engine: dict, url: str | None = None) -> None:
-    """configs/exotel.yaml with `engine.reference` replaced (and `engine.url` set when given)."""
+def our_yaml(path, engine: dict, urls: str | None = None, engines: int = 1) -> None:
+    """configs/exotel.yaml with `engine.reference` replaced, `engine.urls` set when given, else
+    `engines` embedded engines (one call each)."""
     import yaml
 
     from pipelines.config import CONFIG_DIR
@@ -283,8 +284,9 @@ def our_yaml(path, engine: dict, url: str | None = None) -> None:
     with open(CONFIG_DIR / "exotel.yaml") as f:
         cfg = yaml.safe_load(f)
     cfg["engine"]["reference"] = engine
-    if url:
-        cfg["engine"]["url"] = url
+    cfg["engine"]["local_engines"] = engines
+    if urls:
+        cfg["engine"]["urls"] = urls
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
@@ -302,13 +304,13 @@ def keep_log(proc, startup: str, path: str) -> None:
     threading.Thread(target=drain, name=f"log-{path}", daemon=True).start()
 
 
-def engine_command(port: int, options: dict) -> list[str]:
-    """`python -m pipelines engine` (no TLS) with the options our YAML would give the embedded engine."""
+def engine_command(ports: list[int], options: dict) -> list[str]:
+    """`python -m pipelines engine` (no TLS), one engine per port, with the options our YAML would
+    give the embedded engines."""
     import sys
 
-    argv = [sys.executable, "-m", "pipelines", "engine", "--host", "127.0.0.1", "--port", str(port), "--no-tls",
-            "--mode", options["mode"], "--handshake-delay", str(options["handshake_delay"]),
-            "--sessions", str(options["sessions"])]
+    argv = [sys.executable, "-m", "pipelines", "engine", "--host", "127.0.0.1", "--port", ",".join(map(str, ports)), "--no-tls",
+            "--mode", options["mode"], "--handshake-delay", str(options["handshake_delay"])]
     for line in options.get("script", []):
         argv += ["--say", f"{line['at']}:{line['wav']}"]
     return argv
@@ -434,7 +436,7 @@ def bench_conversation(args) -> int:
     from pipelines.audio import read_wav
     from pipelines.bench_stock import stock_server_command
     from pipelines.config import CONFIG_DIR
-    from pipelines.launch import free_port, launched, run_command
+    from pipelines.launch import free_port, free_ports, launched, run_command
     from tests.fixtures import energy_onset, fixture_wav
 
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else ["bench", "conversation", "..."]
@@ -464,22 +466,22 @@ def bench_conversation(args) -> int:
 
     def ours(name: str, engine: dict) -> Server:
         path = Path(tmp.name) / f"{name}.yaml"
-        engine_argv, url = None, None
+        engine_argv, urls = None, None
         if not args.embedded_engine:
-            engine_port = free_port()
-            engine_argv, url = engine_command(engine_port, engine), f"ws://127.0.0.1:{engine_port}"
-        our_yaml(path, engine, url)
+            ports = free_ports(sessions)
+            engine_argv, urls = engine_command(ports, engine), ",".join(f"ws://127.0.0.1:{p}" for p in ports)
+        our_yaml(path, engine, urls, engines=sessions)
         port = free_port()
         return Server(name, run_command(path, port), port, str(log_dir / f"{name}.log"), engine_argv=engine_argv)
 
     if "ours" in args.servers and {"barge-in", "cadence"} & set(parts):
-        servers.append(ours("ours", {"mode": "script", "handshake_delay": HANDSHAKE, "sessions": sessions,
+        servers.append(ours("ours", {"mode": "script", "handshake_delay": HANDSHAKE,
                                      "script": [{"at": SCRIPT_AT, "wav": clip}]}))
     if "stock" in args.servers and {"barge-in", "cadence"} & set(parts):
         port = free_port()
         servers.append(Server("stock", stock_server_command(port, STOCK_SPEAK_AT, clip), port, str(log_dir / "stock.log")))
     if "ours" in args.servers and "handshake" in parts:
-        servers.append(ours("ours-handshake", {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE, "sessions": sessions}))
+        servers.append(ours("ours-handshake", {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE}))
 
     print(f"scenario: 8 kHz Exotel calls, caller chunks {args.chunk_ms} ms; bot clip {Path(clip).name} ({clip_secs:.1f} s): "
           f"ours = reference engine ({'embedded' if args.embedded_engine else 'own process'}) script at {SCRIPT_AT} s "

@@ -14,6 +14,7 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pydantic import BaseModel
 
 from pipelines.config import LoadedConfig
+from pipelines.engine_pool import EnginePools
 from pipelines.errors import ParamsError
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from transports.frames import CallInfo
@@ -102,7 +103,7 @@ def _check_kwargs(loaded: LoadedConfig, entry: ProcessorEntry, params: dict, loc
 
 
 def _takes_engine(p: ProcessorPlan) -> bool:
-    return isinstance(p.params, BaseModel) and "engine_url" in inspect.signature(p.entry.cls).parameters
+    return isinstance(p.params, BaseModel) and "engines" in inspect.signature(p.entry.cls).parameters
 
 
 def uses_engine(deployment: DeploymentPlan) -> bool:
@@ -110,11 +111,11 @@ def uses_engine(deployment: DeploymentPlan) -> bool:
     return any(_takes_engine(p) for p in deployment.processors)
 
 
-def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
+def new_processor(p: ProcessorPlan, engines: EnginePools) -> FrameProcessor:
     kwargs: dict[str, Any] = {"name": p.name} if p.name else {}
     if isinstance(p.params, BaseModel):
         if _takes_engine(p):
-            kwargs["engine_url"] = engine_url
+            kwargs["engines"] = engines.get(getattr(p.params, "url", None))
         if p.prepared is not None:
             kwargs["prepared"] = p.prepared
         processor = p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
@@ -124,11 +125,11 @@ def new_processor(p: ProcessorPlan, engine_url: str | None) -> FrameProcessor:
     return processor
 
 
-def new_call_processors(deployment: DeploymentPlan, engine_url: str | None) -> list[FrameProcessor]:
-    return [new_processor(p, engine_url) for p in deployment.processors]
+def new_call_processors(deployment: DeploymentPlan, engines: EnginePools) -> list[FrameProcessor]:
+    return [new_processor(p, engines) for p in deployment.processors]
 
 
-def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: FrameProcessor) -> PipelineWorker:
+def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: FrameProcessor, observers=None) -> PipelineWorker:
     """The call's pipeline: configured processors, then the transport's output."""
     params = PipelineParams(
         audio_in_sample_rate=call.sample_rate,
@@ -138,6 +139,7 @@ def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: Fr
     return PipelineWorker(
         Pipeline([*processors, output]),
         params=params,
+        observers=observers,
         enable_rtvi=False,
         enable_turn_tracking=False,
         idle_timeout_secs=None,

@@ -1,5 +1,8 @@
 """`python -m pipelines COMMAND`: serve calls, check a config, list parts, run the reference engine,
-be the caller, and measure.
+be the caller, read a call record, and measure.
+
+`run` drains on SIGTERM (calls finish, then the apology; see pipelines/server.py) and stops at
+once on SIGINT or a second signal.
 
 Configuration errors print one line (file:line: key: problem) and exit with status 2.
 """
@@ -28,7 +31,7 @@ def cmd_validate(args) -> int:
     from pipelines.builder import uses_engine
 
     names = " -> ".join(p.entry.name for p in deployment.processors)
-    engine = (cfg.engine.url or "embedded reference engine") if uses_engine(deployment) else "none used"
+    engine = (", ".join(cfg.engine.urls) or f"{cfg.engine.local_engines} embedded reference engines") if uses_engine(deployment) else "none used"
     print(f"{deployment.loaded.path}: ok: {cfg.transport.type} on {cfg.server.host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '')}; processors: {names or '(none)'}; engine: {engine}")
     return 0
 
@@ -43,36 +46,68 @@ def cmd_list(args) -> int:
     return 0
 
 
-async def _serve(args) -> int:
-    from pipelines.builder import uses_engine
-    from pipelines.engine import ReferenceEngine
-    from pipelines.server import CallServer
+LOG_FORMAT = ("<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | call={extra[call_id]} | "
+              "<cyan>{name}</cyan>:<cyan>{line}</cyan> - <level>{message}</level>")
 
-    deployment = _load_plan(args.config)
-    cfg = deployment.loaded.config
-    engine = None
-    engine_url = cfg.engine.url
-    if not engine_url and uses_engine(deployment):
+
+def _configure_logging() -> None:
+    """Every line names its call (`-` outside one); the level from LOGURU_LEVEL, INFO by default."""
+    import os
+
+    logger.remove()
+    logger.configure(extra={"call_id": "-"})
+    logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"), format=LOG_FORMAT)
+
+
+async def _start_engines(cfg, count: int):
+    from pipelines.engine import ReferenceEngine
+
+    engines = []
+    for _ in range(count):
         engine = ReferenceEngine(cfg.engine.reference)
         await engine.start("127.0.0.1", 0)
-        engine_url = engine.url
-        logger.warning(
-            f"No PersonaPlex URL configured (engine.url / PERSONAPLEX_URL): calls are answered by the "
-            f"REFERENCE ENGINE in {cfg.engine.reference.mode!r} mode at {engine_url}, not by a model."
-        )
-    server = CallServer(deployment, engine_url, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
+        engines.append(engine)
+    logger.warning(
+        f"No PersonaPlex URL configured (engine.urls / PERSONAPLEX_URL): calls are answered by {count} "
+        f"REFERENCE ENGINE(S) in {cfg.engine.reference.mode!r} mode, not by a model."
+    )
+    return engines
+
+
+async def _serve(args) -> int:
+    from pipelines.builder import uses_engine
+    from pipelines.engine_pool import EnginePools
+    from pipelines.server import CallServer
+
+    _configure_logging()
+    deployment = _load_plan(args.config)
+    cfg = deployment.loaded.config
+    local = []
+    urls = cfg.engine.urls
+    if not urls and uses_engine(deployment):
+        local = await _start_engines(cfg, args.engines or cfg.engine.local_engines)
+        urls = [e.url for e in local]
+    elif args.engines:
+        logger.warning(f"--engines {args.engines} ignored: engine.urls names the engines")
+    engines = EnginePools(cfg.engine.model_copy(update={"urls": urls}) if urls else None)
+    server = CallServer(deployment, engines, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
     await server.start()
     page = getattr(deployment.transport_params, "page_path", None)
     extra = f"; page: http://{server.host}:{server.port}{page}" if page else ""
-    print(f"serving {cfg.transport.type} calls on ws://{server.host}:{server.port}{server.path} (stats: http://{server.host}:{server.port}/stats{extra})", flush=True)
-    stop = asyncio.Event()
+    pool = f"; {len(engines.engines)} engine(s)" if engines.engines else ""
+    print(f"serving {cfg.transport.type} calls on ws://{server.host}:{server.port}{server.path} (stats: http://{server.host}:{server.port}/stats{extra}{pool})", flush=True)
+    got = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, got.put_nowait, sig)
+    if await got.get() == signal.SIGTERM:
+        drain = asyncio.create_task(server.drain())
+        stop = asyncio.create_task(got.get())  # a second signal stops at once
+        await asyncio.wait([drain, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
     logger.info("shutting down")
     await server.stop()
-    if engine:
+    for engine in local:
         await engine.stop()
     return 0
 
@@ -119,13 +154,19 @@ def cmd_call(args) -> int:
     return 1 if result.violations else 0
 
 
+def report_main(argv: list[str]) -> int:
+    from pipelines.report import main
+
+    return main(argv)
+
+
 def bench_main(argv: list[str]) -> int:
     from pipelines.bench import main
 
     return main(argv)
 
 
-DELEGATED = {"engine": engine_main, "bench": bench_main}
+DELEGATED = {"engine": engine_main, "bench": bench_main, "report": report_main}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML path, or a file name in configs/")
     p.add_argument("--host", help="override server.host")
     p.add_argument("--port", type=int, help="override server.port")
+    p.add_argument("--engines", type=int, metavar="N", help="embedded reference engines to start (default: engine.local_engines); only without engine.urls")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a deployment file", description="Load and validate a deployment; exit 2 on errors.")
@@ -161,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=int, choices=(8000, 16000, 24000), help="Exotel only (default 8000); Twilio is 8000")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
     p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("report", help="timeline picture and summary of a call record", add_help=False,
+                       description="Render CALL_DIR/timeline.png and print a summary; `python -m pipelines report --help`.")
 
     p = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)", add_help=False,
                        description="Run a benchmark; `python -m pipelines bench --help` for the list.")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.engine.reference import EngineOptions
+from pipelines.engine_pool import PoolParams
 from pipelines.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -28,6 +29,7 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(5050, ge=0, le=65535)
+    drain_secs: float = Field(30.0, gt=0, description="on SIGTERM, how long active calls may run on before the apology")
 
 
 class TransportConfig(_Strict):
@@ -41,17 +43,25 @@ class ProcessorConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class EngineConfig(_Strict):
-    """Where PersonaPlex is; without a URL calls are answered by the embedded reference engine."""
+class EngineConfig(PoolParams):
+    """The PersonaPlex fleet (one call per engine); without URLs, embedded reference engines answer."""
 
-    url: str | None = None
+    local_engines: int = Field(4, ge=1, description="reference engines started when no URL is set (`run --engines N` overrides)")
     reference: EngineOptions = Field(default_factory=EngineOptions)
+
+
+class RecordsConfig(_Strict):
+    """Per-call records (event log, transcript, optional stereo WAV); off without a directory."""
+
+    dir: str | None = Field(None, description="records go to DIR/<start time>-<call id>/ (relative to the working directory)")
+    audio: bool = Field(False, description="also write audio.wav: caller left, bot right")
 
 
 class DeploymentConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     transport: TransportConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
     processors: list[ProcessorConfig] = Field(default_factory=list)
 
 

@@ -3,9 +3,16 @@
 The provider's socket is read here (the call's input side): every message goes through the pure
 protocol object and the frames it yields are queued into the call's pipeline. `stop` ends the call
 gracefully; a vanished socket cancels it. Either way everything the call held is released.
-`GET /stats` reports live calls, connections and event-loop tasks as JSON. A transport may add
-HTTP endpoints (Twilio's TwiML, the browser page) and refuse an upgrade (signatures): both are
-pure functions of the request in the transport module; this file only adapts aiohttp to them.
+A transport may add HTTP endpoints (Twilio's TwiML, the browser page) and refuse an upgrade
+(signatures): both are pure functions of the request in the transport module; this file only
+adapts aiohttp to them.
+
+Operations: `GET /healthz` (the loop answers), `GET /readyz` (an engine is in rotation and the
+server is not draining), `GET /metrics` (Prometheus), `GET /stats` (live calls, engines, recent
+calls as JSON). `drain()` (SIGTERM) refuses new calls and reports not ready. Active calls then
+have `server.drain_secs` to end on their own; any still running get the apology clip and a clean
+close, and all are gone by DRAIN_FINISH_SECS later. Log lines logged on a call's behalf carry its
+id (`logger.contextualize`, inherited by every task the call's pipeline creates).
 """
 
 import asyncio
@@ -17,27 +24,37 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 from loguru import logger
-from pipecat.frames.frames import EndFrame
+from pipecat.frames.frames import EndFrame, InputAudioRawFrame, InputDTMFFrame
 from pipecat.workers.runner import WorkerRunner
 
 from pipelines.builder import DeploymentPlan, new_call_processors, new_call_worker
+from pipelines.call_log import DRAIN_REASON, CallLog
+from pipelines.call_observer import CallObserver
+from pipelines.engine_pool import EnginePools
+from pipelines.metrics import Metrics
+from processors.frames import EngineFailedFrame
 from transports.base import HttpRequest
 from transports.call_output import CallOutput
-from transports.frames import CallStartedFrame, CallStoppedFrame
+from transports.frames import CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
 from transports.socket import CallSocket
 
 START_TIMEOUT = 10.0  # Exotel gives a bot 10 s; a connection that never starts a call is dropped
 MAX_FRAME = 4 * 1024 * 1024  # protocol objects drop messages over their own, smaller limit
 RECENT_CALLS = 50  # finished calls whose processor stats /stats keeps
 HANGUP_TIMEOUT = 5.0
+DRAIN_FINISH_SECS = 15  # seconds after the drain deadline for the apology to play and sockets to close
 
 
-@dataclass
-class CallRecord:
+@dataclass(eq=False)
+class ActiveCall:
     call_id: str
     provider: str
+    log: CallLog
     started: float = field(default_factory=time.monotonic)
     dropped: dict = field(default_factory=dict)
+    worker: object = None  # the call's PipelineWorker once built
+    stopped_by_provider: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def call_stats(processors: list, output: CallOutput) -> dict:
@@ -54,34 +71,78 @@ def call_stats(processors: list, output: CallOutput) -> dict:
 
 
 class CallServer:
-    def __init__(self, deployment: DeploymentPlan, engine_url: str | None, host: str, port: int):
+    def __init__(self, deployment: DeploymentPlan, engines: EnginePools | None, host: str, port: int):
         self.deployment = deployment
-        self.engine_url = engine_url
+        self.engines = engines or EnginePools(None)
         self.host, self.port = host, port
         self.path = getattr(deployment.transport_params, "path", "/")
-        self.calls: dict[str, CallRecord] = {}
+        self.calls: dict[ActiveCall, ActiveCall] = {}
         self.connections = 0
+        self.draining = False
         self.totals = {"calls_total": 0, "dropped_messages": 0, "connections_without_start": 0,
-                       "upgrades_refused": 0, "rest_hangups": 0}
+                       "upgrades_refused": 0, "refused_draining": 0, "rest_hangups": 0}
         self.recent: deque[dict] = deque(maxlen=RECENT_CALLS)
+        self.metrics = Metrics()
+        self.metrics.watch(self.calls, self.engines)
+        cfg = deployment.loaded.config
+        self.records = cfg.records
+        self.drain_secs = cfg.server.drain_secs
         self._runner: web.AppRunner | None = None
 
     async def start(self):
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_get("/stats", self._stats)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
         transport = self.deployment.transport
         for path, route in transport.protocol.routes(self.deployment.transport_params).items():
             app.router.add_route("*", path, self._route(route))
         app.router.add_get(self.path, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
     async def stop(self):
+        """Stop now: live calls are cancelled (`drain` first for a graceful exit)."""
+        for call in list(self.calls):
+            if call.worker is not None:
+                await call.worker.cancel(reason="server stopping")
         if self._runner:
             await self._runner.cleanup()
+        await self.engines.close()
+
+    async def drain(self) -> None:
+        """Refuse new calls, let active ones end on their own until the deadline, then apologise and end them."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        deadline = self.drain_secs
+        logger.info(f"draining: {len(self.calls)} active call(s) have {deadline:.0f} s to finish; new calls are refused")
+        for call in self.calls:
+            call.log.emit("draining", deadline_secs=deadline)
+        if not await self._calls_gone(deadline):
+            logger.warning(f"drain deadline reached: ending {len(self.calls)} call(s) with the apology")
+            for call in list(self.calls):
+                if call.worker is not None:
+                    await call.worker.queue_frames([EngineFailedFrame(reason=DRAIN_REASON), EndFrame(reason="drain deadline")])
+            if not await self._calls_gone(DRAIN_FINISH_SECS - 2.0):
+                for call in list(self.calls):
+                    if call.worker is not None:
+                        await call.worker.cancel(reason="drain: apology did not finish in time")
+                await self._calls_gone(1.0)
+        logger.info("drained")
+
+    async def _calls_gone(self, secs: float) -> bool:
+        pending = [c.done.wait() for c in self.calls]
+        if pending:
+            try:
+                async with asyncio.timeout(secs):
+                    await asyncio.gather(*pending)
+            except TimeoutError:
+                return False
+        return True
 
     async def serve_forever(self):
         await asyncio.Event().wait()
@@ -89,7 +150,10 @@ class CallServer:
     def stats(self) -> dict:
         return {
             "calls_active": len(self.calls),
-            "calls": [{"call_id": c.call_id, "provider": c.provider, "seconds": round(time.monotonic() - c.started, 1)} for c in self.calls.values()],
+            "calls": [{"call_id": c.call_id, "provider": c.provider, "seconds": round(time.monotonic() - c.started, 1),
+                       "record": str(c.log.path) if c.log.path else None} for c in self.calls],
+            "draining": self.draining,
+            "engines": self.engines.snapshot(),
             "connections": self.connections,
             "tasks": len(asyncio.all_tasks()),
             **self.totals,
@@ -99,11 +163,32 @@ class CallServer:
     async def _stats(self, request: web.Request) -> web.Response:
         return web.Response(text=json.dumps(self.stats()) + "\n", content_type="application/json")
 
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.engines.available:
+            return False, "no engine in rotation"
+        return True, "ready"
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ok, why = self.ready()
+        return web.Response(status=200 if ok else 503, text=why + "\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = self.metrics.content_type
+        return response
+
     def _route(self, route):
         """A transport's pure endpoint (e.g. TwiML) behind aiohttp."""
         params = self.deployment.transport_params
 
         async def handler(request: web.Request) -> web.Response:
+            if self.draining:  # e.g. Twilio's webhook: let the provider fail over to another server
+                return web.Response(status=503, text="draining\n", headers={"Retry-After": "1"})
             form = {k: str(v) for k, v in (await request.post()).items()} if request.method == "POST" else {}
             reply = route(params, _request_info(request, form))
             body = {"text": reply.body} if isinstance(reply.body, str) else {"body": reply.body}
@@ -114,6 +199,9 @@ class CallServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """One provider connection: authorize the upgrade, then one call on it."""
         params = self.deployment.transport_params
+        if self.draining:
+            self.totals["refused_draining"] += 1
+            return web.Response(status=503, text="draining: this server takes no new calls\n", headers={"Retry-After": "1"})
         refusal = self.deployment.transport.protocol.authorize(params, _request_info(request, {}))
         if refusal:
             self.totals["upgrades_refused"] += 1
@@ -126,6 +214,7 @@ class CallServer:
         socket = CallSocket(ws)
         self.connections += 1
         protocol = self.deployment.new_protocol(dict(request.query))
+        protocol.on_drop = lambda reason, count: self.metrics.malformed.labels(reason).inc()
         try:
             started = await self._await_start(socket, request.remote, protocol)
             if started is None:
@@ -152,42 +241,67 @@ class CallServer:
         return None
 
     async def _run_call(self, socket: CallSocket, protocol, started: CallStartedFrame):
-        call = started.call
-        record = CallRecord(call.call_id or call.stream_id, call.provider, dropped=protocol.dropped)
-        self.calls[id(record)] = record  # keyed by object: providers may reuse or omit call ids
+        call_info = started.call
+        log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio)
+        call = ActiveCall(log.call_id, call_info.provider, log, dropped=protocol.dropped)
+        protocol.on_drop = log.malformed
+        with logger.contextualize(call_id=call.call_id):
+            self.calls[call] = call  # keyed by object: providers may reuse or omit call ids
+            try:
+                await self._run_pipeline(call, call_info, socket, protocol)
+            finally:
+                del self.calls[call]
+                call.done.set()
+
+    async def _run_pipeline(self, call: ActiveCall, call_info, socket: CallSocket, protocol):
         self.totals["calls_total"] += 1
-        logger.info(f"call {record.call_id}: {call.provider} at {call.sample_rate} Hz, params {call.custom_parameters}")
-        output = CallOutput(protocol, socket, record.call_id)
+        logger.info(f"call {call.call_id}: {call.provider} at {call_info.sample_rate} Hz, params {call_info.custom_parameters}"
+                    + (f"; record {call.log.path}" if call.log.path else ""))
+        output = CallOutput(protocol, socket, call.call_id, log=call.log)
         reader = None
         processors = []
+        outcome = "caller_gone"
         try:
-            processors = new_call_processors(self.deployment, self.engine_url)
-            worker = new_call_worker(call, processors, output)
+            processors = new_call_processors(self.deployment, self.engines)
+            call.worker = new_call_worker(call_info, processors, output, observers=[CallObserver(call.log)])
             runner = WorkerRunner(handle_sigint=False)
-            await runner.add_workers(worker)
-            reader = asyncio.create_task(self._read(socket, protocol, worker), name=f"call-reader-{record.call_id}")
+            await runner.add_workers(call.worker)
+            reader = asyncio.create_task(self._read(socket, protocol, call), name=f"call-reader-{call.call_id}")
             await runner.run()
+            if call.stopped_by_provider:
+                outcome = "completed"
         except Exception:
-            logger.exception(f"call {record.call_id}: the call's pipeline failed")
+            outcome = "error"
+            logger.exception(f"call {call.call_id}: the call's pipeline failed")
         finally:
             if reader:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
             await socket.close()
-            del self.calls[id(record)]
             stats = call_stats(processors, output)
-            self.recent.append({"call_id": record.call_id, "provider": record.provider,
-                                "seconds": round(time.monotonic() - record.started, 1), "stats": stats})
-            logger.info(f"call {record.call_id}: ended after {time.monotonic() - record.started:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent; {json.dumps(stats)}")
+            outcome = call.log.end(outcome, protocol.dropped, stats)
+            seconds = time.monotonic() - call.started
+            self.recent.append({"call_id": call.call_id, "provider": call.provider, "outcome": outcome,
+                                "seconds": round(seconds, 1), "stats": stats})
+            logger.info(f"call {call.call_id}: ended ({outcome}) after {seconds:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent; {json.dumps(stats)}")
 
-    async def _read(self, socket: CallSocket, protocol, worker):
+    async def _read(self, socket: CallSocket, protocol, call: ActiveCall):
         """Provider messages into the pipeline until `stop` or the socket closes."""
+        worker, log = call.worker, call.log
         async for message in socket.messages():
             for frame in protocol.receive(message):
-                if isinstance(frame, CallStoppedFrame):
+                if isinstance(frame, InputAudioRawFrame):
+                    log.caller_audio(frame.audio)
+                elif isinstance(frame, CallStoppedFrame):
                     logger.info(f"call {protocol.call_id}: provider stop ({frame.reason or 'no reason'})")
+                    log.emit("provider_stop", reason=frame.reason)
+                    call.stopped_by_provider = True
                     await worker.queue_frame(EndFrame(reason=f"provider stop: {frame.reason}"))
                     return
+                elif isinstance(frame, InputDTMFFrame):
+                    log.emit("dtmf", digit=frame.button.value)
+                elif isinstance(frame, MarkPlayedFrame):
+                    log.emit("mark_played", mark=frame.mark)
                 await worker.queue_frame(frame)
         await worker.cancel(reason="provider socket closed")
 

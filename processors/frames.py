@@ -5,9 +5,9 @@ Bot utterances themselves are bracketed with pipecat's own TTSStartedFrame/TTSSt
 understand TTS segments understand ours too.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pipecat.frames.frames import ControlFrame, UninterruptibleFrame
+from pipecat.frames.frames import ControlFrame, SystemFrame, UninterruptibleFrame
 
 HOLDING_CONTEXT = "holding:"
 
@@ -31,3 +31,15 @@ class EngineFailedFrame(ControlFrame, UninterruptibleFrame):
     """
 
     reason: str = ""
+
+
+@dataclass
+class EngineEventFrame(SystemFrame):
+    """Something happened between the call and its engine (acquired, ready, failed, released).
+
+    For the call record and metrics; processors pass it on untouched. A SystemFrame, so a
+    barge-in never drops it.
+    """
+
+    event: str = ""
+    data: dict = field(default_factory=dict)

@@ -9,7 +9,6 @@ holding messages answer it with an apology), then a graceful end of the call.
 """
 
 import asyncio
-import ssl
 import time
 
 import numpy as np
@@ -29,8 +28,10 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.engine_pool import EnginePool, NoEngine, PoolParams, State
 from processors import personaplex_wire as wire
-from processors.frames import EngineFailedFrame
+from processors.frames import EngineEventFrame, EngineFailedFrame
+from processors.personaplex_session import EngineUnreachable, SessionRejected, open_session, tls_context
 
 MODEL_RATE = 24000
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
@@ -46,7 +47,7 @@ class Persona(BaseModel):
 class PersonaPlexParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, description="ws(s)://host:8998; empty: the deployment's engine")
+    url: str | None = Field(None, description="ws(s)://host:8998, comma-separated for several; empty: the deployment's engines")
     voice_prompt: str = "NATF0.pt"
     text_prompt: str = Field(DEFAULT_TEXT_PROMPT, min_length=1)
     personas: dict[str, Persona] = Field(default_factory=dict, description="allow-list selectable per call")
@@ -63,12 +64,19 @@ class PersonaPlexProcessor(FrameProcessor):
 
     Params = PersonaPlexParams
 
-    def __init__(self, params: PersonaPlexParams | None = None, *, engine_url: str | None = None, **kwargs):
+    def __init__(self, params: PersonaPlexParams | None = None, *, engines: EnginePool | None = None,
+                 engine_url: str | None = None, **kwargs):
+        """`engines`: the deployment's pool (the server shares it between calls); `engine_url`: a pool
+        of this processor's own, for a processor used alone (tests, notebooks)."""
         super().__init__(**kwargs)
         self._params = params or PersonaPlexParams()
-        self._base_url = self._params.url or engine_url
-        if not self._base_url:
-            raise ValueError("PersonaPlex needs a URL: params.url or the deployment's engine.url")
+        if engines is None:
+            urls = self._params.url or engine_url
+            if not urls:
+                raise ValueError("PersonaPlex needs an engine: params.url or the deployment's engine.urls")
+            engines = EnginePool(PoolParams(urls=urls))
+        self._pool = engines
+        self._engine = None  # the pool's engine this call holds
         self._ws = None
         self._writer: sphn.OpusStreamWriter | None = None
         self._reader: sphn.OpusStreamReader | None = None
@@ -79,7 +87,7 @@ class PersonaPlexProcessor(FrameProcessor):
         self._failed = False
         self._last_sent = 0.0
         self._last_heard = 0.0
-        self.stats = {"persona": "default", "frames_before_handshake": 0, "pages_sent": 0, "pages_received": 0, "text_pieces": 0}
+        self.stats = {"persona": "default", "engine": None, "frames_before_handshake": 0, "pages_sent": 0, "pages_received": 0, "text_pieces": 0}
 
     @property
     def ready(self) -> bool:
@@ -133,29 +141,15 @@ class PersonaPlexProcessor(FrameProcessor):
                 await self._ws.send(wire.audio_message(ogg))
                 self.stats["pages_sent"] += 1
             except websockets.ConnectionClosed as exc:
-                await self._fail(f"engine closed the connection ({exc.rcvd.code if exc.rcvd else 'abnormal, no close frame'})")
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self._base_url.startswith("wss://"):
-            return None
-        ctx = ssl.create_default_context(cafile=self._params.ca_file)
-        if not self._params.verify_tls:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+                await self._fail(f"engine closed the connection ({exc.rcvd.code if exc.rcvd else 'abnormal, no close frame'})", engine_fault=True)
 
     async def _run_session(self, persona: Persona):
-        url = wire.chat_url(self._base_url, persona.voice_prompt, persona.text_prompt)
         try:
-            self._ws = await websockets.connect(
-                url, ssl=self._ssl_context(), open_timeout=self._params.connect_timeout,
-                ping_interval=None, compression=None, max_size=None,
-            )
-            await self._await_handshake()
-        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed) as exc:
-            await self._fail(self._describe(exc))
+            self._ws = await self._open(persona)
+        except (NoEngine, SessionRejected) as exc:
+            await self._fail(str(exc))
             return
-        logger.info(f"call {self._call_id}: PersonaPlex session open (voice {persona.voice_prompt})")
+        logger.info(f"call {self._call_id}: PersonaPlex session open on {self._engine.url} (voice {persona.voice_prompt})")
         self._writer = sphn.OpusStreamWriter(MODEL_RATE)
         self._reader = sphn.OpusStreamReader(MODEL_RATE)
         self._last_heard = time.monotonic()
@@ -166,17 +160,43 @@ class PersonaPlexProcessor(FrameProcessor):
         except websockets.ConnectionClosed:
             pass
         if not self._closing:
-            await self._fail(self._describe_close())
+            await self._fail(self._describe_close(), engine_fault=True)
 
-    async def _await_handshake(self):
-        deadline = time.monotonic() + self._params.handshake_timeout
+    async def _open(self, persona: Persona):
+        """Lease engines until one hand-shakes; one that does not leaves the rotation and the next is tried."""
+        deadline = time.monotonic() + self._pool.params.wait_secs
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError()
-            message = await asyncio.wait_for(self._ws.recv(), remaining)
-            if isinstance(message, bytes) and wire.split(message)[0] == wire.HANDSHAKE:
-                return
+            asked = time.monotonic()
+            if self._pool.count(State.IDLE) == 0 and self._pool.available:
+                await self._event("engine_waiting", busy=self._pool.count(State.BUSY))
+            self._engine = await self._pool.acquire(self._call_id, max(0.0, deadline - time.monotonic()))
+            url = self._engine.url
+            self.stats["engine"] = url
+            await self._event("engine_acquired", url=url, wait_ms=_ms(asked))
+            opened = time.monotonic()
+            try:
+                ws = await open_session(url, persona.voice_prompt, persona.text_prompt, timeout=self._params.handshake_timeout,
+                                        connect_timeout=self._params.connect_timeout,
+                                        tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
+            except EngineUnreachable as exc:
+                await self._engine_failed(str(exc))
+                logger.warning(f"call {self._call_id}: {exc}; trying another engine")
+                continue
+            except SessionRejected:
+                self._pool.release(self._engine)
+                self._engine = None
+                raise
+            await self._event("engine_ready", url=url, handshake_ms=_ms(opened))
+            return ws
+
+    async def _engine_failed(self, reason: str):
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self._pool.failed(engine, reason)
+            await self._event("engine_failed", url=engine.url, reason=reason)
+
+    async def _event(self, event: str, **data):
+        await self.push_frame(EngineEventFrame(event=event, data=data))
 
     async def _on_message(self, message):
         if not isinstance(message, bytes):
@@ -203,25 +223,20 @@ class PersonaPlexProcessor(FrameProcessor):
             await asyncio.sleep(min(0.25, limit / 4))
             now = time.monotonic()
             if now - self._last_sent < 0.5 and now - self._last_heard > limit:
-                await self._fail(f"engine sent no audio for {now - self._last_heard:.1f} s while caller audio flowed")
+                await self._fail(f"engine sent no audio for {now - self._last_heard:.1f} s while caller audio flowed", engine_fault=True)
                 return
-
-    def _describe(self, exc: BaseException) -> str:
-        if isinstance(exc, asyncio.TimeoutError):
-            return "no handshake from the engine within the timeout" if self._ws else "connecting to the engine timed out"
-        if isinstance(exc, websockets.ConnectionClosed):
-            return f"engine closed the connection before its handshake ({self._describe_close()}); check voice_prompt/text_prompt"
-        return f"cannot connect to the engine at {self._base_url}: {exc}"
 
     def _describe_close(self) -> str:
         rcvd = getattr(self._ws, "close_code", None)
         return f"engine closed the session (code {rcvd})" if rcvd else "engine connection lost (abnormal close, no close frame)"
 
-    async def _fail(self, reason: str):
+    async def _fail(self, reason: str, engine_fault: bool = False):
         """Report once, then end the call gracefully so the caller hears whatever is queued."""
         if self._failed or self._closing:
             return
         self._failed = True
+        if engine_fault:
+            await self._engine_failed(reason)
         logger.error(f"call {self._call_id}: PersonaPlex failure: {reason}")
         await self.push_error(f"PersonaPlex: {reason}")
         await self.push_frame(EngineFailedFrame(reason=reason))  # holding messages apologise
@@ -237,3 +252,11 @@ class PersonaPlexProcessor(FrameProcessor):
                 await self.cancel_task(task)
         if self._ws is not None:
             await self._ws.close()
+        if self._engine is not None:
+            self._pool.release(self._engine)
+            await self._event("engine_released", url=self._engine.url)
+            self._engine = None
+
+
+def _ms(since: float) -> int:
+    return round((time.monotonic() - since) * 1000)

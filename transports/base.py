@@ -87,6 +87,7 @@ class JsonProtocol:
         self.max_message_bytes = max_message_bytes
         self.call: CallInfo | None = None
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.on_drop = None  # the server's callback(reason, count): metrics and the call record
 
     @property
     def call_id(self) -> str:
@@ -125,6 +126,8 @@ class JsonProtocol:
     def count(self, reason: str, detail: str = "") -> None:
         self.dropped[reason] += 1
         n = self.dropped[reason]
+        if self.on_drop is not None:
+            self.on_drop(reason, n)
         if n <= LOG_FIRST or n % LOG_EVERY == 0:
             logger.warning(f"{self.name} call {self.call_id}: dropped {reason} #{n}: {detail}")
 

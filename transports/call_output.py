@@ -26,8 +26,10 @@ from transports.socket import CallSocket
 class CallOutput(FrameProcessor):
     """Send bot audio, marks and clears to the provider; hang up when the pipeline ends."""
 
-    def __init__(self, protocol, socket: CallSocket, call_id: str, **kwargs):
+    def __init__(self, protocol, socket: CallSocket, call_id: str, log=None, **kwargs):
+        """`log`: the call's CallLog, told what audio was sent and when a `clear` went out."""
         super().__init__(**kwargs)
+        self._log = log
         self._protocol = protocol
         self._socket = socket
         self._call_id = call_id
@@ -63,6 +65,8 @@ class CallOutput(FrameProcessor):
         if epoch > self._clears:
             self._clears = epoch
             await self._send(self._protocol.clear())
+            if self._log:
+                self._log.cleared()
 
     async def _audio(self, frame: OutputAudioRawFrame):
         if isinstance(frame, PacedAudioFrame):
@@ -77,6 +81,8 @@ class CallOutput(FrameProcessor):
                 logger.error(f"call {self._call_id}: bot audio at {frame.sample_rate} Hz reaches a {rate} Hz call; add `resample` (audio: output, rate: call)")
             return
         await self._send(self._protocol.audio(frame.audio))
+        if self._log:
+            self._log.bot_audio(frame.audio)
 
     async def _send(self, messages: list[str]):
         for message in messages:

@@ -468,7 +468,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Reference PersonaPlex-protocol engine (no GPU): serves /api/chat with scripted audio.",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8998, help="port, 0 = any free (default: %(default)s)")
+    p.add_argument("--port", type=_ports, default=[8998], help="port, 0 = any free; a comma-separated list starts one "
+                   "engine per port, like a PersonaPlex fleet (default: 8998)")
     p.add_argument(
         "--mode",
         choices=["echo", "tone", "script"],
@@ -516,14 +517,25 @@ def _script_line(value: str) -> ScriptLine:
         ) from None
 
 
-async def _serve(options: EngineOptions, host: str, port: int, tls: bool) -> None:
-    engine = ReferenceEngine(options)
-    url = await engine.start(host, port, self_signed_ssl_context() if tls else None)
-    print(f"{url}/api/chat?voice_prompt=NATF0.pt&text_prompt=...", flush=True)
+def _ports(value: str) -> list[int]:
+    try:
+        return [int(p) for p in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port or comma-separated ports: {value!r}") from None
+
+
+async def _serve(options: EngineOptions, host: str, ports: list[int], tls: bool) -> None:
+    """One engine per port; the first line printed lists their URLs, comma-separated (PERSONAPLEX_URL)."""
+    engines = [ReferenceEngine(options) for _ in ports]
+    context = self_signed_ssl_context() if tls else None
+    urls = [await engine.start(host, port, context) for engine, port in zip(engines, ports)]
+    print(",".join(urls), flush=True)
+    print(f"  e.g. {urls[0]}/api/chat?voice_prompt=NATF0.pt&text_prompt=...", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
-        await engine.stop()
+        for engine in engines:
+            await engine.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ transport:
   params:
     path: /exotel
 engine:
-  url: ${PERSONAPLEX_URL:-}
+  urls: ${PERSONAPLEX_URL:-}
 processors:
   - type: resample
     params: {audio: input, rate: 24000}
@@ -52,7 +52,7 @@ def test_shipped_exotel_config_is_valid():
     deployment = load_plan("exotel.yaml")
     cfg = deployment.loaded.config
     assert cfg.server.port == 5050 and deployment.transport_params.path == "/exotel"
-    assert cfg.engine.url is None
+    assert cfg.engine.urls == [] and cfg.engine.local_engines >= 2
     assert [p.entry.name for p in deployment.processors] == [
         "vad", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
 
@@ -72,7 +72,7 @@ def test_env_substitution_with_defaults_and_types(tmp_path):
     path = write(tmp_path, GOOD)
     cfg = load_plan(path, {"PORT": "6060", "PERSONAPLEX_URL": "wss://gpu:8998", "VOICE": "VARM1.pt"})
     assert cfg.loaded.config.server.port == 6060
-    assert cfg.loaded.config.engine.url == "wss://gpu:8998"
+    assert cfg.loaded.config.engine.urls == ["wss://gpu:8998"]
     assert cfg.processors[1].params.voice_prompt == "VARM1.pt"
     assert load_plan(path).loaded.config.server.port == 5050
 

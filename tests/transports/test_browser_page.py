@@ -24,6 +24,7 @@ from pipelines.audio import read_wav, write_wav
 from pipelines.config import CONFIG_DIR
 from pipelines.engine import ReferenceEngine
 from pipelines.launch import stop_process
+from pipelines.engine_pool import EnginePools
 from pipelines.server import CallServer
 from tests.fixtures import FIXTURES
 
@@ -152,7 +153,7 @@ async def call_server(tmp_path: Path, **reference):
     plan = builder.plan(config.load(path, {}))
     engine = ReferenceEngine(plan.loaded.config.engine.reference)
     await engine.start("127.0.0.1", 0)
-    server = CallServer(plan, engine.url, "127.0.0.1", 0)
+    server = CallServer(plan, EnginePools.of(engine.url), "127.0.0.1", 0)
     await server.start()
     try:
         yield server

@@ -1,0 +1,70 @@
+"""What the processors did, as call events: a pipecat observer on the call's pipeline.
+
+An observer sees every frame each time a processor pushes it, so the processors stay unaware of
+the record. Only a frame's first push counts. Frames that are broadcast both ways (the pacer's
+BotStarted/Stopped, VAD's) count downstream only. Errors, which travel upstream, count either way.
+"""
+
+import time
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    ErrorFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection
+
+from pipelines.call_log import CallLog
+from processors.frames import HOLDING_CONTEXT, EngineEventFrame, EngineFailedFrame
+
+_WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, BotStartedSpeakingFrame, BotStoppedSpeakingFrame,
+            TTSStartedFrame, TTSStoppedFrame, TTSAudioRawFrame, TTSTextFrame, EngineEventFrame, EngineFailedFrame, ErrorFrame)
+
+
+class CallObserver(BaseObserver):
+    def __init__(self, log: CallLog, **kwargs):
+        super().__init__(**kwargs)
+        self._log = log
+
+    async def on_push_frame(self, data: FramePushed):
+        frame = data.frame
+        if not data.first_push or not isinstance(frame, _WATCHED):
+            return
+        if isinstance(frame, ErrorFrame):
+            self._log.emit("error", message=str(frame.error)[:500], fatal=frame.fatal)
+            return
+        if data.direction != FrameDirection.DOWNSTREAM:
+            return
+        log = self._log
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            waited = max(0.0, time.time() - frame.timestamp)
+            log.user_started(log.now() - waited - frame.start_secs)
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            log.emit("user_stopped")
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            log.emit("bot_started")
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            log.emit("bot_stopped")
+        elif isinstance(frame, TTSAudioRawFrame):
+            context = frame.context_id or ""
+            if context.startswith(HOLDING_CONTEXT):  # a clip is pushed whole, as one frame
+                log.holding(context[len(HOLDING_CONTEXT):], len(frame.audio) / 2 / frame.sample_rate)
+        elif isinstance(frame, TTSStartedFrame):
+            if not (frame.context_id or "").startswith(HOLDING_CONTEXT):
+                log.emit("speech_started", context=frame.context_id)
+        elif isinstance(frame, TTSStoppedFrame):
+            if not (frame.context_id or "").startswith(HOLDING_CONTEXT):
+                log.speech_stopped(frame.context_id)
+        elif isinstance(frame, TTSTextFrame):
+            log.text(frame.text if frame.includes_inter_frame_spaces else f" {frame.text}")
+        elif isinstance(frame, EngineEventFrame):
+            log.engine(frame.event, frame.data)
+        elif isinstance(frame, EngineFailedFrame):
+            log.apology(frame.reason)

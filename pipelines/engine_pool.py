@@ -1,0 +1,250 @@
+"""Engine pool: each call gets a PersonaPlex process of its own, for the call's whole life.
+
+A PersonaPlex server holds one conversation at a time. A second connection is upgraded, then
+waits silently, and its prompts can overwrite the first one's (docs/personaplex-protocol.md §6).
+So engines are leased exclusively. An engine whose connect or handshake fails, or which dies
+mid-call, leaves the rotation. It is probed in the background with a full handshake, as a call
+would make, until it answers again.
+
+When every healthy engine is busy, a call waits its turn, first come first served, for up to
+`wait_secs`; the caller hears the holding clip meanwhile. When no engine is healthy, the call
+fails at once, with no wait for a probe.
+"""
+
+import asyncio
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_RETRY_SECS = 60.0
+
+
+class PoolParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(default_factory=list, description="engine URLs; a string is split on commas")
+    wait_secs: float = Field(20.0, ge=0, description="all engines busy: the caller hears holding clips this long, then the apology")
+    retry_secs: float = Field(5.0, gt=0, description="first probe of an engine out of rotation; the interval doubles up to 60 s")
+    probe_timeout_secs: float = Field(20.0, gt=0, description="a probe's connect plus handshake (the prompt phase is 2-9 s)")
+    probe_voice_prompt: str = Field("NATF0.pt", description="the voice a probe asks for")
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("urls")
+    @classmethod
+    def _distinct_ws(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"engine URL must be ws:// or wss://, got {url!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError("an engine URL is listed twice: one engine serves one call, so each must be distinct")
+        return urls
+
+
+class NoEngine(Exception):
+    """No engine for this call: all busy past the wait, or none in rotation."""
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    DOWN = "down"  # out of rotation, being probed
+
+
+@dataclass(eq=False)
+class Engine:
+    url: str
+    state: State = State.IDLE
+    call_id: str | None = None
+    idle_since: float = field(default_factory=time.monotonic)
+    failures: int = 0
+    last_error: str = ""
+
+
+class EnginePool:
+    """Exclusive leases on engines, FIFO waiting, failover and background recovery."""
+
+    def __init__(self, params: PoolParams, probe=None):
+        """`probe(url, timeout)` raises when the engine does not hand-shake (default: a PersonaPlex session)."""
+        if not params.urls:
+            raise ValueError("an engine pool needs at least one URL")
+        self.params = params
+        self.engines = [Engine(url) for url in params.urls]
+        self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
+        self._waiters: deque[tuple[asyncio.Future, str]] = deque()
+        self._probes: dict[Engine, asyncio.Task] = {}
+        self.stats = {"leases": 0, "waits": 0, "no_engine": 0, "failures": 0, "recoveries": 0}
+
+    @classmethod
+    def of(cls, url: str) -> "EnginePool":
+        return cls(PoolParams(urls=[url]))
+
+    @property
+    def size(self) -> int:
+        return len(self.engines)
+
+    def count(self, state: State) -> int:
+        return sum(e.state is state for e in self.engines)
+
+    @property
+    def available(self) -> bool:
+        """At least one engine in rotation (idle or busy): what readiness reports."""
+        return self.count(State.DOWN) < self.size
+
+    def snapshot(self) -> list[dict]:
+        return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures,
+                 "last_error": e.last_error} for e in self.engines]
+
+    async def acquire(self, call_id: str, timeout: float | None = None) -> Engine:
+        """An idle engine, leased to `call_id` until `release` or `failed`; NoEngine otherwise."""
+        idle = [e for e in self.engines if e.state is State.IDLE]
+        if idle:
+            return self._lease(min(idle, key=lambda e: e.idle_since), call_id)  # least recently used
+        if not self.available:
+            self.stats["no_engine"] += 1
+            raise NoEngine(self._all_down())
+        wait = self.params.wait_secs if timeout is None else timeout
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((future, call_id))
+        self.stats["waits"] += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait)
+        except TimeoutError:
+            if not future.done():
+                future.cancel()
+                self.stats["no_engine"] += 1
+                raise NoEngine(f"all {self.size} engines stayed busy for {wait:.0f} s") from None
+            return future.result()  # handed over just as the wait ran out (or raises NoEngine)
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # handed over to a call that has since gone
+            future.cancel()
+            raise
+
+    def release(self, engine: Engine) -> None:
+        """The call ended normally: the engine serves the next caller."""
+        if engine.state is State.BUSY:
+            engine.call_id = None
+            self._hand_over(engine)
+
+    def failed(self, engine: Engine, reason: str) -> None:
+        """The engine did not answer or died: out of rotation, probed until it answers."""
+        if engine.state is State.DOWN:
+            return
+        engine.state, engine.call_id = State.DOWN, None
+        engine.failures += 1
+        engine.last_error = reason
+        self.stats["failures"] += 1
+        logger.warning(f"engine {engine.url} out of rotation ({self.count(State.DOWN)}/{self.size} down): {reason}")
+        self._probes[engine] = asyncio.get_running_loop().create_task(self._recover(engine), name=f"engine-probe-{engine.url}")
+        if not self.available:
+            while self._waiters:
+                future, _ = self._waiters.popleft()
+                if not future.done():
+                    future.set_exception(NoEngine(self._all_down()))
+
+    async def close(self) -> None:
+        tasks = list(self._probes.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _lease(self, engine: Engine, call_id: str) -> Engine:
+        engine.state, engine.call_id = State.BUSY, call_id
+        self.stats["leases"] += 1
+        return engine
+
+    def _hand_over(self, engine: Engine) -> None:
+        """To the longest-waiting call, else idle."""
+        while self._waiters:
+            future, call_id = self._waiters.popleft()
+            if not future.done():
+                future.set_result(self._lease(engine, call_id))
+                return
+        engine.state, engine.idle_since = State.IDLE, time.monotonic()
+
+    def _all_down(self) -> str:
+        last = self.engines[-1].last_error if self.size == 1 else "; ".join(f"{e.url}: {e.last_error}" for e in self.engines)
+        return f"no engine in rotation (all {self.size} failed; probing): {last}"
+
+    async def _recover(self, engine: Engine) -> None:
+        delay = self.params.retry_secs
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self._probe(engine.url, self.params.probe_timeout_secs)
+                except Exception as exc:  # noqa: BLE001 - any failure keeps it out
+                    engine.last_error = f"probe: {exc!r}"
+                    delay = min(delay * 2, MAX_RETRY_SECS)
+                    continue
+                self.stats["recoveries"] += 1
+                logger.info(f"engine {engine.url} back in rotation after {engine.failures} failure(s)")
+                self._hand_over(engine)
+                return
+        finally:
+            self._probes.pop(engine, None)
+
+
+def _personaplex_probe(voice_prompt: str):
+    async def probe(url: str, timeout: float) -> None:
+        from processors.personaplex_session import open_session
+
+        ws = await open_session(url, voice_prompt, "You are being health-checked; say nothing.", timeout=timeout)
+        await ws.close()
+
+    return probe
+
+
+class EnginePools:
+    """The deployment's pool, plus one per processor whose own `url:` names other engines; all
+    shared by every call, so the exclusivity holds across calls."""
+
+    def __init__(self, params: PoolParams | None):
+        self._params = params
+        self.pools: dict[tuple[str, ...], EnginePool] = {}
+        if params is not None and params.urls:
+            self.pools[tuple(params.urls)] = EnginePool(params)
+
+    @classmethod
+    def of(cls, urls: str) -> "EnginePools":
+        return cls(PoolParams(urls=urls))
+
+    def get(self, urls: str | None) -> EnginePool:
+        """The pool for a processor's own `url:` (comma-separated), else the deployment's."""
+        if urls:
+            params = (self._params or PoolParams()).model_copy(update={"urls": PoolParams(urls=urls).urls})
+            key = tuple(params.urls)
+            if key not in self.pools:
+                self.pools[key] = EnginePool(params)
+            return self.pools[key]
+        if not self.pools:
+            raise ValueError("no engine configured: set engine.urls (or PERSONAPLEX_URL), or the processor's url")
+        return next(iter(self.pools.values()))
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [e for pool in self.pools.values() for e in pool.engines]
+
+    @property
+    def available(self) -> bool:
+        """Every pool has an engine in rotation (vacuously true with no engine in use)."""
+        return all(pool.available for pool in self.pools.values())
+
+    def snapshot(self) -> list[dict]:
+        return [row for pool in self.pools.values() for row in pool.snapshot()]
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()

@@ -1,0 +1,51 @@
+"""Prometheus metrics for one server process (`GET /metrics`).
+
+Each server has its own registry rather than prometheus-client's global one, so several servers in
+one process (tests, benchmarks) do not mix their counts. Calls report through `CallLog`. Gauges
+that mirror live state (active calls, the engine pool) are read when Prometheus scrapes.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
+OUTCOMES = ("completed", "caller_gone", "engine_failed", "no_engine", "drained", "error")
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.active_calls = Gauge("bridge_active_calls", "Calls in progress", registry=r)
+        self.calls = Counter("bridge_calls", "Finished calls by outcome", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.calls.labels(outcome)  # every outcome from 0, so rates work before the first one
+        self.barge_ins = Counter("bridge_barge_ins", "Caller talked over the bot: `clear` sent", registry=r)
+        self.holding_clips = Counter("bridge_holding_clips", "Holding clips played", ["clip"], registry=r)
+        self.malformed = Counter("bridge_malformed_messages", "Provider messages dropped as malformed", ["reason"], registry=r)
+        self.engine_failures = Counter("bridge_engine_failures", "Engines taken out of rotation", registry=r)
+        self.handshake = Histogram("bridge_engine_handshake_seconds", "Engine connect plus handshake (prompt phase)",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_wait = Histogram("bridge_engine_wait_seconds", "Time a call waited for a free engine",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.first_audio = Histogram("bridge_first_audio_seconds", "Call start to the first bot audio sent",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.barge_in_latency = Histogram("bridge_barge_in_seconds", "Caller speech onset (VAD estimate) to the `clear`",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.pool_size = Gauge("bridge_engines", "Engines configured", registry=r)
+        self.pool_busy = Gauge("bridge_engines_busy", "Engines serving a call", registry=r)
+        self.pool_down = Gauge("bridge_engines_down", "Engines out of rotation, being probed", registry=r)
+        self.draining = Gauge("bridge_draining", "1 while the server drains before exit", registry=r)
+
+    def watch(self, calls: dict, engines) -> None:
+        """Gauges read from the server's live state at scrape time."""
+        from pipelines.engine_pool import State
+
+        self.active_calls.set_function(lambda: len(calls))
+        self.pool_size.set_function(lambda: len(engines.engines))
+        self.pool_busy.set_function(lambda: sum(e.state is State.BUSY for e in engines.engines))
+        self.pool_down.set_function(lambda: sum(e.state is State.DOWN for e in engines.engines))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
