@@ -115,22 +115,28 @@ class EnginePool:
             self.stats["no_engine"] += 1
             raise NoEngine(self._all_down())
         wait = self.params.wait_secs if timeout is None else timeout
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiters.append((future, call_id))
         self.stats["waits"] += 1
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), wait)
-        except TimeoutError:
+
+        def give_up() -> None:
             if not future.done():
-                future.cancel()
                 self.stats["no_engine"] += 1
-                raise NoEngine(f"all {self.size} engines stayed busy for {wait:.0f} s") from None
-            return future.result()  # handed over just as the wait ran out (or raises NoEngine)
+                future.set_exception(NoEngine(f"all {self.size} engines stayed busy for {wait:.0f} s"))
+
+        # Not asyncio.wait_for: on Python 3.11 it returns the result, swallowing the cancellation, when
+        # the call is cancelled just after the hand-over; that call would then hold the engine unseen.
+        timer = loop.call_later(wait, give_up)
+        try:
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result())  # handed over to a call that has since gone
             future.cancel()
             raise
+        finally:
+            timer.cancel()
 
     def release(self, engine: Engine) -> None:
         """The call ended normally: the engine serves the next caller."""

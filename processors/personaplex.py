@@ -146,7 +146,11 @@ class PersonaPlexProcessor(FrameProcessor):
     async def _run_session(self, persona: Persona):
         try:
             self._ws = await self._open(persona)
-        except (NoEngine, SessionRejected) as exc:
+        except NoEngine as exc:
+            await self._event("no_engine", reason=str(exc))
+            await self._fail(str(exc))
+            return
+        except SessionRejected as exc:
             await self._fail(str(exc))
             return
         logger.info(f"call {self._call_id}: PersonaPlex session open on {self._engine.url} (voice {persona.voice_prompt})")

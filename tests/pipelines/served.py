@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -36,3 +37,33 @@ async def finished_call(port: int) -> dict:
 
 def rms(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
+
+
+def variant_config(tmp_path, name: str, **sections) -> str:
+    """configs/NAME with the given top-level sections merged in (one level deep), for one scenario."""
+    config = yaml.safe_load((CONFIG_DIR / name).read_text())
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = tmp_path / f"variant-{name}"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def fetch(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:PORT/PATH, errors included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str, **labels) -> float | None:
+    """One sample from Prometheus text, e.g. metric(t, "bridge_calls_total", outcome="completed")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
