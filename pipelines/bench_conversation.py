@@ -277,6 +277,8 @@ class Call:
 def our_yaml(path, engine: dict, urls: str | None = None, engines: int = 1) -> None:
     """configs/exotel.yaml with `engine.reference` replaced, `engine.urls` set when given, else
     `engines` embedded engines (one call each)."""
+    import os
+
     import yaml
 
     from pipelines.config import CONFIG_DIR
@@ -285,6 +287,7 @@ def our_yaml(path, engine: dict, urls: str | None = None, engines: int = 1) -> N
         cfg = yaml.safe_load(f)
     cfg["engine"]["reference"] = engine
     cfg["engine"]["local_engines"] = engines
+    cfg["records"]["dir"] = os.path.join(os.path.dirname(path), "records")  # on, as deployed; kept out of the checkout
     if urls:
         cfg["engine"]["urls"] = urls
     with open(path, "w") as f:
