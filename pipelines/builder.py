@@ -14,7 +14,7 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pydantic import BaseModel
 
 from pipelines.config import LoadedConfig
-from pipelines.engine_pool import EnginePools
+from pipelines.engine_pool import EnginePools, PoolParams
 from pipelines.errors import ParamsError
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from transports.frames import CallInfo
@@ -109,6 +109,19 @@ def _takes_engine(p: ProcessorPlan) -> bool:
 def uses_engine(deployment: DeploymentPlan) -> bool:
     """Whether any processor talks to the deployment's engine (else no reference engine is started)."""
     return any(_takes_engine(p) for p in deployment.processors)
+
+
+def engine_pools(deployment: DeploymentPlan, params: PoolParams | None) -> EnginePools:
+    """Every pool the calls will lease from, made before serving, so that an engine listed in two
+    pools (engine.urls and a processor's url) fails at start-up with its line, not on a call."""
+    pools = EnginePools(params)
+    for i, p in enumerate(deployment.processors):
+        if _takes_engine(p):
+            try:
+                pools.get(getattr(p.params, "url", None))
+            except ValueError as exc:
+                raise deployment.loaded.error(("processors", i, "params", "url"), str(exc)) from None
+    return pools
 
 
 def new_processor(p: ProcessorPlan, engines: EnginePools) -> FrameProcessor:

@@ -75,8 +75,7 @@ async def _start_engines(cfg, count: int):
 
 
 async def _serve(args) -> int:
-    from pipelines.builder import uses_engine
-    from pipelines.engine_pool import EnginePools
+    from pipelines.builder import engine_pools, uses_engine
     from pipelines.server import CallServer
 
     _configure_logging()
@@ -89,7 +88,7 @@ async def _serve(args) -> int:
         urls = [e.url for e in local]
     elif args.engines:
         logger.warning(f"--engines {args.engines} ignored: engine.urls names the engines")
-    engines = EnginePools(cfg.engine.model_copy(update={"urls": urls}) if urls else None)
+    engines = engine_pools(deployment, cfg.engine.model_copy(update={"urls": urls}) if urls else None)
     server = CallServer(deployment, engines, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
     await server.start()
     page = getattr(deployment.transport_params, "page_path", None)

@@ -12,6 +12,7 @@ fails at once, with no wait for a probe.
 """
 
 import asyncio
+import contextvars
 import enum
 import time
 from collections import deque
@@ -123,7 +124,7 @@ class EnginePool:
         def give_up() -> None:
             if not future.done():
                 self.stats["no_engine"] += 1
-                future.set_exception(NoEngine(f"all {self.size} engines stayed busy for {wait:.0f} s"))
+                future.set_exception(NoEngine(f"all {self.size} engines stayed busy for {wait:g} s"))
 
         # Not asyncio.wait_for: on Python 3.11 it returns the result, swallowing the cancellation, when
         # the call is cancelled just after the hand-over; that call would then hold the engine unseen.
@@ -153,11 +154,14 @@ class EnginePool:
         engine.last_error = reason
         self.stats["failures"] += 1
         logger.warning(f"engine {engine.url} out of rotation ({self.count(State.DOWN)}/{self.size} down): {reason}")
-        self._probes[engine] = asyncio.get_running_loop().create_task(self._recover(engine), name=f"engine-probe-{engine.url}")
+        # A fresh context: the probe outlives the call that failed, and its log lines are not that call's.
+        self._probes[engine] = asyncio.get_running_loop().create_task(
+            self._recover(engine), name=f"engine-probe-{engine.url}", context=contextvars.Context())
         if not self.available:
             while self._waiters:
                 future, _ = self._waiters.popleft()
                 if not future.done():
+                    self.stats["no_engine"] += 1
                     future.set_exception(NoEngine(self._all_down()))
 
     async def close(self) -> None:
@@ -232,6 +236,10 @@ class EnginePools:
         if urls:
             params = (self._params or PoolParams()).model_copy(update={"urls": PoolParams(urls=urls).urls})
             key = tuple(params.urls)
+            for other in self.pools:
+                if other != key and set(other) & set(key):
+                    raise ValueError(f"engine URLs {', '.join(sorted(set(other) & set(key)))} are in two pools "
+                                     "(engine.urls and a processor's url): one engine serves one call, so list each in one place")
             if key not in self.pools:
                 self.pools[key] = EnginePool(params)
             return self.pools[key]

@@ -189,6 +189,7 @@ class PersonaPlexProcessor(FrameProcessor):
             except SessionRejected:
                 self._pool.release(self._engine)
                 self._engine = None
+                await self._event("engine_released", url=url)
                 raise
             await self._event("engine_ready", url=url, handshake_ms=_ms(opened))
             return ws

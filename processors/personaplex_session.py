@@ -61,7 +61,7 @@ async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, ti
         raise
     except asyncio.TimeoutError:
         await ws.close()
-        raise EngineUnreachable(f"{base_url}: no handshake within {timeout:.0f} s") from None
+        raise EngineUnreachable(f"{base_url}: no handshake within {timeout:g} s") from None
     except websockets.ConnectionClosed:
         code = ws.close_code
         how = f"code {code}" if code else "abnormal close, no close frame"

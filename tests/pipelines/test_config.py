@@ -148,3 +148,17 @@ def test_cli_list_one_line_each():
     names = {line.split()[1] for line in lines}
     assert {"personaplex", "resample", "exotel"} <= names
     assert all(line.split()[0] in ("processor", "transport") for line in lines)
+
+
+def test_an_engine_listed_twice_fails_at_start_up_with_its_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("      voice_prompt: ${VOICE:-NATF0.pt}", "      url: wss://gpu2:8998"))
+    deployment = load_plan(path, {"PERSONAPLEX_URL": "wss://gpu1:8998,wss://gpu2:8998"})
+    with pytest.raises(ConfigError) as info:
+        builder.engine_pools(deployment, deployment.loaded.config.engine)
+    assert info.value.line == 14 and "processors[1].params.url" in str(info.value) and "two pools" in str(info.value)
+
+
+@pytest.mark.parametrize("urls, problem", [("wss://a:1,wss://a:1", "listed twice"), ("http://a:1", "ws:// or wss://")])
+def test_bad_engine_urls_name_the_key(tmp_path, urls, problem):
+    err = error_of(write(tmp_path, GOOD), {"PERSONAPLEX_URL": urls})
+    assert err.line == 8 and "engine.urls" in str(err) and problem in str(err)
