@@ -580,15 +580,16 @@ def test_cli_say_lines_parse_and_conflict_with_the_one_line_flags(capsys):
 
 
 @asynccontextmanager
-async def cli_engine(*flags: str):
-    """`main` in a subprocess, as `python -m pipelines engine` runs it; yields the printed base URL."""
+async def cli_engine(*flags: str, port: str = "0"):
+    """`main` in a subprocess, as `python -m pipelines engine` runs it; yields the printed base URL
+    (the comma-separated URLs, one per engine, with several ports)."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys; from pipelines.engine.reference import main; sys.exit(main(sys.argv[1:]))",
             "--port",
-            "0",
+            port,
             "--handshake-delay",
             "0.1",
             *flags,
@@ -601,8 +602,8 @@ async def cli_engine(*flags: str):
     )
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
-        assert "/api/chat" in line
-        yield line.split("/api/chat")[0]
+        assert line.startswith(("ws://", "wss://")), line
+        yield line.strip()
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 10) == 0
     finally:
@@ -617,6 +618,14 @@ async def test_cli_serves_wss_by_default_until_ctrl_c():
         assert base.startswith("wss://127.0.0.1:")
         async with connect(base + CHAT, ssl=_insecure_client_context()) as ws:
             await Caller(ws).handshake()
+
+
+async def test_cli_starts_one_engine_per_port_like_a_fleet():
+    async with cli_engine("--no-tls", port="0,0") as urls:
+        bases = urls.split(",")
+        assert len(set(bases)) == 2
+        async with connect(bases[0] + CHAT) as first, connect(bases[1] + CHAT) as second:
+            await asyncio.gather(Caller(first).handshake(), Caller(second).handshake())  # one session each, at once
 
 
 async def test_cli_say_selects_script_mode_and_speaks_each_line():
