@@ -176,7 +176,8 @@ async def test_a_call_that_waits_too_long_gets_no_engine(engines, pools):
     consistent(pool)
 
 
-async def test_a_cancelled_waiter_does_not_leak_the_engine(engines, pools):
+async def held_with_two_waiters(engines, pools):
+    """One engine, held by "holder"; "gone" then "stays" queue for it."""
     (live,) = await engines(1)
     pool = pools([live.url], wait_secs=60)
     held = await pool.acquire("holder")
@@ -184,6 +185,11 @@ async def test_a_cancelled_waiter_does_not_leak_the_engine(engines, pools):
     await until(lambda: pool.stats["waits"] == 1)
     stays = asyncio.create_task(pool.acquire("stays"))
     await until(lambda: pool.stats["waits"] == 2)
+    return pool, held, gone, stays
+
+
+async def test_a_cancelled_waiter_does_not_leak_the_engine(engines, pools):
+    pool, held, gone, stays = await held_with_two_waiters(engines, pools)
 
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -200,13 +206,7 @@ async def test_a_cancelled_waiter_does_not_leak_the_engine(engines, pools):
 async def test_a_waiter_cancelled_right_after_the_hand_over_passes_the_engine_on(engines, pools):
     """The engine is handed over, and the call hangs up before it runs: the next waiter gets it, and
     the hung-up call really ends cancelled (it must not go on holding the engine unseen)."""
-    (live,) = await engines(1)
-    pool = pools([live.url], wait_secs=60)
-    held = await pool.acquire("holder")
-    gone = asyncio.create_task(pool.acquire("gone"))
-    await until(lambda: pool.stats["waits"] == 1)
-    stays = asyncio.create_task(pool.acquire("stays"))
-    await until(lambda: pool.stats["waits"] == 2)
+    pool, held, gone, stays = await held_with_two_waiters(engines, pools)
 
     pool.release(held)  # leased to "gone" ...
     assert held.call_id == "gone"
