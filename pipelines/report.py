@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+CUTS_CLIP = ("barge_in", "speech_started", "holding")  # a `clear`, the model taking over (fade), the next clip
 LANES = ("caller speech", "bot audible", "model speech", "holding clips")  # top to bottom
 PAIRS = {  # lane: (opening event, closing event)
     "caller speech": ("user_started", "user_stopped"),
@@ -107,7 +108,8 @@ def intervals(events: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
         elif name == "holding":
             secs = _num(e.get("secs"))
             stop = end if secs is None else min(t + secs, max(end, t))
-            lanes["holding clips"].append((t, stop, str(e.get("clip", "?"))))
+            cut = next((c["t"] for c in events if c["t"] > t and c["event"] in CUTS_CLIP), stop)
+            lanes["holding clips"].append((t, min(stop, cut), str(e.get("clip", "?"))))
     for lane, start in opened.items():
         lanes[lane].append((start, max(end, start), ""))
     return lanes

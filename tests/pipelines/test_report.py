@@ -186,3 +186,14 @@ def test_main_without_events_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no readable events (1 unreadable lines)" in capsys.readouterr().err
     assert not (tmp_path / "timeline.png").exists()
+
+
+def test_a_holding_clip_ends_where_something_cut_it():
+    events = [{"t": 0.0, "event": "call_started"},
+              {"t": 0.1, "event": "holding", "clip": "greeting", "secs": 4.6},
+              {"t": 1.9, "event": "barge_in", "latency_ms": 104},
+              {"t": 5.0, "event": "holding", "clip": "one_moment", "secs": 1.5},
+              {"t": 5.5, "event": "speech_started", "context": "bot-1"},
+              {"t": 9.0, "event": "holding", "clip": "apology", "secs": 5.7},
+              {"t": 12.0, "event": "call_ended", "outcome": "engine_failed", "seconds": 12.0}]
+    assert intervals(events)["holding clips"] == [(0.1, 1.9, "greeting"), (5.0, 5.5, "one_moment"), (9.0, 12.0, "apology")]
