@@ -87,10 +87,6 @@ class EnginePool:
         self._probes: dict[Engine, asyncio.Task] = {}
         self.stats = {"leases": 0, "waits": 0, "no_engine": 0, "failures": 0, "recoveries": 0}
 
-    @classmethod
-    def of(cls, url: str) -> "EnginePool":
-        return cls(PoolParams(urls=[url]))
-
     @property
     def size(self) -> int:
         return len(self.engines)
