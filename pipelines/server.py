@@ -51,7 +51,6 @@ class ActiveCall:
     provider: str
     log: CallLog
     started: float = field(default_factory=time.monotonic)
-    dropped: dict = field(default_factory=dict)
     worker: object = None  # the call's PipelineWorker once built
     stopped_by_provider: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -219,6 +218,9 @@ class CallServer:
             started = await self._await_start(socket, request.remote, protocol)
             if started is None:
                 self.totals["connections_without_start"] += 1
+            elif self.draining:  # connected before the drain, started after it
+                self.totals["refused_draining"] += 1
+                await socket.close(1013, "server restarting; call again")
             else:
                 await self._run_call(socket, protocol, started)
         finally:
@@ -243,7 +245,7 @@ class CallServer:
     async def _run_call(self, socket: CallSocket, protocol, started: CallStartedFrame):
         call_info = started.call
         log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio)
-        call = ActiveCall(log.call_id, call_info.provider, log, dropped=protocol.dropped)
+        call = ActiveCall(log.call_id, call_info.provider, log)
         protocol.on_drop = log.malformed
         with logger.contextualize(call_id=call.call_id):
             self.calls[call] = call  # keyed by object: providers may reuse or omit call ids
