@@ -8,9 +8,10 @@ two keeps a click or cough from barging in. No white, pink or brown noise or 1 k
 -20 dBFS triggers either setting
 (`python -m pipelines bench vad`, BENCHMARKS.md).
 
-Silero's ONNX load takes ~40 ms of blocking work (far more when many calls start together), so
-the analyzer is built in a worker thread after setup() and the call does not wait for it: audio
-passes unanalysed for those first tens of milliseconds, inside barge-in's start mute window. The analyzer
+Calls share one Silero session and score their windows in batches (processors/silero.py). The
+first call loads the session (~40 ms of blocking work), so the analyzer is built in a worker thread
+after setup() and the call does not wait for it: audio passes unanalysed for those first tens of
+milliseconds, inside barge-in's start mute window. The analyzer
 follows the rate of the audio frames (a resampler may sit in front); Silero only knows 8 and
 16 kHz, and any other rate is reported once as an ErrorFrame and the audio passed through.
 """
@@ -18,14 +19,14 @@ follows the rate of the audio frames (a resampler may sit in front); Silero only
 import asyncio
 import dataclasses
 
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams as PipecatVADParams
 from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
 from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
-SILERO_RATES = (8000, 16000)
+from processors.silero import RATES as SILERO_RATES
+from processors.silero import BatchedSileroAnalyzer
 
 
 class VADParams(BaseModel):
@@ -51,7 +52,7 @@ class VADProcessor(PipecatVADProcessor):
         # pipecat's VADController only stores the analyzer until setup(); ours is built after it.
         super().__init__(vad_analyzer=None, **kwargs)  # type: ignore[arg-type]
         self._params = params or VADParams()
-        self._analyzer: SileroVADAnalyzer | None = None
+        self._analyzer: BatchedSileroAnalyzer | None = None
         self._loading: asyncio.Task | None = None
         self._started = False
         self._bad_rate_reported = False
@@ -66,7 +67,7 @@ class VADProcessor(PipecatVADProcessor):
         self._loading = self.create_task(self._load(controller_setup), name="vad-load")
 
     async def _load(self, setup: FrameProcessorSetup):
-        analyzer = await asyncio.to_thread(SileroVADAnalyzer, params=self._params.pipecat())
+        analyzer = await asyncio.to_thread(BatchedSileroAnalyzer, params=self._params.pipecat())
         self._vad_controller._vad_analyzer = analyzer
         await self._vad_controller.setup(setup)
         self._analyzer = analyzer

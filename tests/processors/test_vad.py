@@ -136,7 +136,7 @@ async def test_analyzer_is_built_off_the_event_loop(monkeypatch):
         built_on.append(threading.get_ident())
         return SileroVADAnalyzer(*args, **kwargs)
 
-    monkeypatch.setattr(vad, "SileroVADAnalyzer", recording)
+    monkeypatch.setattr(vad, "BatchedSileroAnalyzer", recording)
     pcm, rate = fixture_wav("interrupt_8k")
     down, _ = await feed(VADProcessor(VADParams(start_secs=0.2)), with_silence(pcm, rate), rate)
     assert built_on and threading.get_ident() not in built_on
