@@ -58,7 +58,20 @@ def _bench_conversation(args) -> int:
     return bench_conversation(args)
 
 
-BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation}
+def _bench_load(args) -> int:
+    from pipelines.bench_load import bench_load
+
+    return bench_load(args)
+
+
+def _bench_soak(args) -> int:
+    from pipelines.bench_soak import bench_soak
+
+    return bench_soak(args)
+
+
+BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation, "load": _bench_load,
+           "soak": _bench_soak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
     from pipelines.bench_conversation import add_parser as add_conversation_parser
+    from pipelines.bench_load import add_parser as add_load_parser
+    from pipelines.bench_soak import add_parser as add_soak_parser
     from pipelines.bench_vad import add_parser
 
     add_parser(sub)
     add_conversation_parser(sub)
+    add_load_parser(sub)
+    add_soak_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)

@@ -274,16 +274,16 @@ class Call:
     chunks: list[Chunk] = field(default_factory=list)
 
 
-def our_yaml(path, engine: dict, urls: str | None = None, engines: int = 1) -> None:
-    """configs/exotel.yaml with `engine.reference` replaced, `engine.urls` set when given, else
-    `engines` embedded engines (one call each)."""
+def our_yaml(path, engine: dict, urls: str | None = None, engines: int = 1, config=None) -> None:
+    """`config` (default configs/exotel.yaml) with `engine.reference` replaced, `engine.urls` set when
+    given, else `engines` embedded engines (one call each)."""
     import os
 
     import yaml
 
     from pipelines.config import CONFIG_DIR
 
-    with open(CONFIG_DIR / "exotel.yaml") as f:
+    with open(config or CONFIG_DIR / "exotel.yaml") as f:
         cfg = yaml.safe_load(f)
     cfg["engine"]["reference"] = engine
     cfg["engine"]["local_engines"] = engines
