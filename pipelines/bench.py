@@ -75,8 +75,13 @@ BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "uplink":  # its own parser: encoder settings to compare
+        from pipelines.bench_uplink import main as bench_uplink
+
+        return bench_uplink(argv[1:])
     top = argparse.ArgumentParser(prog="python -m pipelines bench", description="Benchmarks; results go to BENCHMARKS.md.")
     sub = top.add_subparsers(dest="name", required=True)
+    sub.add_parser("uplink", help="CPU and decoded quality of the caller-audio Opus encoders (see its --help)", add_help=False)
     p = sub.add_parser("resample", help=bench_resample.__doc__, description=bench_resample.__doc__)
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])

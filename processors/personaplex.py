@@ -10,6 +10,7 @@ holding messages answer it with an apology), then a graceful end of the call.
 
 import asyncio
 import time
+from typing import Literal
 
 import numpy as np
 import sphn
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipelines.engine_pool import EnginePool, NoEngine, PoolParams, State
 from processors import personaplex_wire as wire
 from processors.frames import EngineEventFrame, EngineFailedFrame
+from processors.opus_uplink import OpusUplinkWriter
 from processors.personaplex_session import EngineUnreachable, SessionRejected, open_session, tls_context
 
 MODEL_RATE = 24000
@@ -57,10 +59,18 @@ class PersonaPlexParams(BaseModel):
     connect_timeout: float = Field(5.0, gt=0)
     handshake_timeout: float = Field(20.0, gt=0, description="prompt phase is 2-9 s, plus queueing")
     silence_timeout: float = Field(2.0, gt=0, description="no model audio this long while audio flows = failure")
+    # Caller-audio encoder (processors/opus_uplink.py); CPU and PESQ per setting: python -m pipelines bench uplink
+    uplink_complexity: int = Field(5, ge=0, le=10, description="libopus complexity of the caller-audio encoder; "
+                                   "in lowdelay mode 1-10 score alike on phone speech, 0 is worse")
+    uplink_application: Literal["lowdelay", "audio", "voip"] = Field(
+        "lowdelay", description="libopus mode: lowdelay is CELT only, 1/3 of sphn's CPU at its PESQ; voip (SILK) "
+        "costs 2x lowdelay; audio picks SILK itself at complexity 7 and up")
+    uplink_bitrate: int = Field(48000, ge=6000, le=510000, description="caller-audio encoder target, bit/s; VBR: "
+                                "~70 kbit/s of speech in lowdelay mode, PESQ drops ~0.3 at 32000")
 
 
 class PersonaPlexProcessor(FrameProcessor):
-    """Full-duplex PersonaPlex session per call over its WebSocket API (Ogg-Opus via sphn)."""
+    """Full-duplex PersonaPlex session per call over its WebSocket API (Ogg-Opus: libopus up, sphn down)."""
 
     Params = PersonaPlexParams
 
@@ -78,7 +88,7 @@ class PersonaPlexProcessor(FrameProcessor):
         self._pool = engines
         self._engine = None  # the pool's engine this call holds
         self._ws = None
-        self._writer: sphn.OpusStreamWriter | None = None
+        self._writer: OpusUplinkWriter | None = None
         self._reader: sphn.OpusStreamReader | None = None
         self._session_task: asyncio.Task | None = None
         self._watchdog_task: asyncio.Task | None = None
@@ -154,7 +164,8 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._fail(str(exc))
             return
         logger.info(f"call {self._call_id}: PersonaPlex session open on {self._engine.url} (voice {persona.voice_prompt})")
-        self._writer = sphn.OpusStreamWriter(MODEL_RATE)
+        self._writer = OpusUplinkWriter(MODEL_RATE, complexity=self._params.uplink_complexity,
+                                        application=self._params.uplink_application, bitrate=self._params.uplink_bitrate)
         self._reader = sphn.OpusStreamReader(MODEL_RATE)
         self._last_heard = time.monotonic()
         self._watchdog_task = self.create_task(self._watch_silence(), name=f"personaplex-watchdog-{self._call_id}")
@@ -233,6 +244,8 @@ class PersonaPlexProcessor(FrameProcessor):
 
     def _describe_close(self) -> str:
         rcvd = getattr(self._ws, "close_code", None)
+        if rcvd == 1006:  # websockets' code for a connection lost without a close frame; never sent by a peer
+            rcvd = None
         return f"engine closed the session (code {rcvd})" if rcvd else "engine connection lost (abnormal close, no close frame)"
 
     async def _fail(self, reason: str, engine_fault: bool = False):
@@ -257,6 +270,7 @@ class PersonaPlexProcessor(FrameProcessor):
                 await self.cancel_task(task)
         if self._ws is not None:
             await self._ws.close()
+        self._writer = None  # frees the encoder (and PyAV's two libopus threads) now, not at some later GC
         if self._engine is not None:
             self._pool.release(self._engine)
             await self._event("engine_released", url=self._engine.url)

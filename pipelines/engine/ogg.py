@@ -5,31 +5,38 @@ downlink with sphn 0.1's ``StreamWriter`` (one 80 ms Opus packet per page). sphn
 have, is lenient on input and writes 40 ms pages, so both behaviours are rebuilt here on top of its codec:
 ``OggStreamParser`` enforces the ``ogg`` crate's rules, ``DownlinkWriter`` repacketises sphn 0.2's frames
 into sphn-0.1-shaped pages, and ``UplinkDecoder`` glues the strict parser to sphn 0.2's decoder.
+Writing pages and Opus headers is processors/ogg_pages.py's (the bridge's uplink writes with it too).
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 import sphn
 
+from processors.ogg_pages import (
+    CAPTURE,
+    FLAG_BOS,
+    FLAG_CONTINUED,
+    FLAG_EOS,
+    HEADER_SIZE,
+    OPUS_HEAD_MAGIC,
+    OPUS_TAGS_MAGIC,
+    PAGE_HEADER,
+    ogg_crc,
+    opus_head,
+    opus_tags,
+    page_bytes,
+    write_page,
+)
+
 SAMPLE_RATE = 24000
 FRAME_SAMPLES = 1920  # one Mimi frame = one model step = 80 ms at 24 kHz
 DOWNLINK_SERIAL = 42  # sphn 0.1 StreamWriter hard-codes it
-PRE_SKIP = 3840
-VENDOR = "sphn-pyo3"
 
-CAPTURE = b"OggS"
-FLAG_CONTINUED = 0x01
-FLAG_BOS = 0x02
-FLAG_EOS = 0x04
-HEADER_SIZE = 27
 # The ogg crate gives up hunting for a capture pattern after this many bytes (NoCapturePatternFound).
 MAX_HUNT_BYTES = 150 * 1024
-
-_HEADER = struct.Struct("<4sBBqIIIB")
 
 
 class OggStreamError(ValueError):
@@ -42,27 +49,6 @@ class OggCrcError(OggStreamError):
 
 class OpusPacketError(ValueError):
     """An Opus packet that RFC 6716 section 3.2 does not allow."""
-
-
-def _make_crc_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
-        table.append(r & 0xFFFFFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _make_crc_table()
-
-
-def ogg_crc(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """Ogg's CRC-32: polynomial 0x04C11DB7, init 0, not reflected, no final xor (not zlib's CRC)."""
-    table = _CRC_TABLE
-    for byte in bytes(data):
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ byte]
-    return crc
 
 
 @dataclass(frozen=True)
@@ -108,19 +94,7 @@ class OggPage:
         return pieces
 
     def to_bytes(self) -> bytes:
-        header = _HEADER.pack(
-            CAPTURE,
-            0,
-            self.header_type,
-            self.granule,
-            self.serial,
-            self.sequence,
-            0,
-            len(self.lacing),
-        )
-        raw = bytearray(header + self.lacing + self.body)
-        struct.pack_into("<I", raw, 22, ogg_crc(raw))
-        return bytes(raw)
+        return page_bytes(self.header_type, self.granule, self.serial, self.sequence, self.lacing, self.body)
 
 
 def parse_page(buf: bytes | bytearray, start: int = 0) -> tuple[OggPage, int] | None:
@@ -131,7 +105,7 @@ def parse_page(buf: bytes | bytearray, start: int = 0) -> tuple[OggPage, int] | 
     """
     if len(buf) - start < HEADER_SIZE:
         return None
-    capture, version, header_type, granule, serial, sequence, crc, n_segs = _HEADER.unpack_from(
+    capture, version, header_type, granule, serial, sequence, crc, n_segs = PAGE_HEADER.unpack_from(
         buf, start
     )
     if capture != CAPTURE:
@@ -155,23 +129,6 @@ def parse_page(buf: bytes | bytearray, start: int = 0) -> tuple[OggPage, int] | 
         )
     page = OggPage(header_type, granule, serial, sequence, lacing, bytes(buf[lacing_end:end]))
     return page, end
-
-
-def write_page(
-    packet: bytes,
-    *,
-    serial: int,
-    sequence: int,
-    granule: int,
-    bos: bool = False,
-    eos: bool = False,
-) -> bytes:
-    """One complete packet in one page, the layout sphn's writers use for every page."""
-    if len(packet) > 254 * 255 + 254:
-        raise ValueError(f"packet of {len(packet)} bytes does not fit in one Ogg page")
-    lacing = bytes([255] * (len(packet) // 255) + [len(packet) % 255])
-    header_type = (FLAG_BOS if bos else 0) | (FLAG_EOS if eos else 0)
-    return OggPage(header_type, granule, serial, sequence, lacing, bytes(packet)).to_bytes()
 
 
 def split_pages(data: bytes) -> list[OggPage]:
@@ -285,19 +242,6 @@ class OggStreamParser:
 
 
 # --- Opus (RFC 6716 section 3, RFC 7845) ---------------------------------------------------------
-
-OPUS_HEAD_MAGIC = b"OpusHead"
-OPUS_TAGS_MAGIC = b"OpusTags"
-
-
-def opus_head(*, channels: int = 1, pre_skip: int = PRE_SKIP, input_rate: int = SAMPLE_RATE) -> bytes:
-    return OPUS_HEAD_MAGIC + struct.pack("<BBHIhB", 1, channels, pre_skip, input_rate, 0, 0)
-
-
-def opus_tags(vendor: str = VENDOR) -> bytes:
-    raw = vendor.encode()
-    return OPUS_TAGS_MAGIC + struct.pack("<I", len(raw)) + raw + struct.pack("<I", 0)
-
 
 def is_header_packet(packet: bytes) -> bool:
     """sphn 0.1's reader skips these wherever they appear instead of decoding them."""
