@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 from loguru import logger
 from pipecat.frames.frames import EndFrame, InputAudioRawFrame, InputDTMFFrame
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.workers.runner import WorkerRunner
 
 from pipelines.builder import DeploymentPlan, new_call_processors, new_call_worker
@@ -304,6 +305,9 @@ class CallServer:
                     log.emit("dtmf", digit=frame.button.value)
                 elif isinstance(frame, MarkPlayedFrame):
                     log.emit("mark_played", mark=frame.mark)
+                    # From the end, upstream: it reaches the pacer also while an ending call (the apology) waits behind its EndFrame.
+                    await worker.queue_frame(frame, FrameDirection.UPSTREAM)
+                    continue
                 await worker.queue_frame(frame)
         await worker.cancel(reason="provider socket closed")
 
