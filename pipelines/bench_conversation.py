@@ -427,8 +427,6 @@ def bench_conversation(args) -> int:
     """Barge-in latency, stale chunks after clear, playout underruns and first audio: ours vs stock pipecat."""
     import asyncio
     import os
-    import signal
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -437,12 +435,13 @@ def bench_conversation(args) -> int:
     logger.remove()  # before pipecat's import-time banner; the caller's per-chunk warnings are counted in the tables
 
     from pipelines.audio import read_wav
+    from pipelines.bench_fleet import command_argv, guarded
     from pipelines.bench_stock import stock_server_command
     from pipelines.config import CONFIG_DIR
     from pipelines.launch import free_port, free_ports, launched, run_command
     from tests.fixtures import energy_onset, fixture_wav
 
-    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("__main__.py") else ["bench", "conversation", "..."]
+    argv = command_argv(["bench", "conversation", "..."])
     for line in machine_lines(argv):
         print(line)
     if args.speech_at < 2.5:
@@ -524,11 +523,7 @@ def bench_conversation(args) -> int:
                         else:
                             recent.setdefault(server.name, None)
 
-    def terminated(signum, frame):
-        raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the servers are stopped too
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
+    def serve() -> int:
         with contextlib.ExitStack() as stack:  # every server is terminated on the way out, Ctrl-C included
             for server in servers:
                 if server.engine_argv:
@@ -538,16 +533,15 @@ def bench_conversation(args) -> int:
                 server.pid = child.proc.pid
                 keep_log(child.proc, child.startup, server.log)
             asyncio.run(run())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 0
+
+    try:
+        code = guarded(serve)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if args.log_dir is None:
             tmp.cleanup()
+    if code:
+        return code
     print(f"ran {len(done)} calls in {time.monotonic() - t_start:.0f} s")
     report(done, servers, recent, onset, args)
     report_load(loads, args)
