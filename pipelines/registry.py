@@ -42,10 +42,12 @@ def processors() -> dict[str, ProcessorEntry]:
     from processors.pacer import PacerProcessor
     from processors.personaplex import PersonaPlexProcessor
     from processors.resample import ResampleProcessor
+    from processors.turn import TurnProcessor
     from processors.vad import VADProcessor
 
     classes = {
         "vad": VADProcessor,
+        "turn": TurnProcessor,
         "barge_in": BargeInProcessor,
         "resample": ResampleProcessor,
         "personaplex": PersonaPlexProcessor,

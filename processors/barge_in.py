@@ -1,15 +1,27 @@
-"""Barge-in: caller speech over bot audio interrupts the bot, with guards against false triggers.
+"""Barge-in: the caller taking the floor from an audible bot interrupts it; nothing else does.
 
-Pipecat's UserTurnProcessor interrupts on every turn start, bot speaking or not, and only after its
-turn strategies ran. Here the interruption is broadcast the moment VAD confirms speech while the
-bot is audible (the pacer's BotStarted/StoppedSpeaking, which follow the provider's mark echoes):
-the pacer drops its queue, the output sends the provider's `clear`, and the bot-speech detector
-silences the rest of the interrupted utterance.
+A full-duplex model listens while it talks, may start its answer over the caller's last words,
+and stops by itself when talked over. So "caller speech while the bot speaks" is not enough to
+cut the bot; what counts is who holds the floor:
 
-Guards, all counted in caller audio rather than wall time so they behave the same under load:
-`min_speech_secs` of speech beyond VAD's own start_secs, a `start_mute_secs` window at call start
-(ringback, the caller's own "hello?" over the greeting), and `half_duplex`, which never interrupts
-and feeds the model silence while the bot talks (for echoing speakerphones).
+- **floor**: caller speech that *starts* while bot audio is audible at the provider (the pacer's
+  BotStarted/StoppedSpeaking, which follow the provider's mark echoes) interrupts once the caller
+  has talked `min_speech_secs`, counted from the speech onset. Shorter speech ("uh-huh", "okay")
+  is a backchannel and leaves the bot alone.
+- **overlap**: when the bot starts over a caller whose turn is still going on, that is the
+  model's choice and its audio goes through, unless the caller keeps talking over it for
+  `overlap_secs` of speech: then they are taking the floor back.
+
+Speech is counted from Silero's window-by-window verdict (CallerVoiceFrame), not VAD's segment,
+whose 0.2 s stop hangover would make every "uh-huh" look 0.2 s longer. On an interruption a
+BargeInFrame (for the record) goes downstream, then pipecat's interruption is broadcast: the
+pacer drops its queue, the output sends the provider's `clear`, bot_speech mutes the model's
+interrupted rest for a bounded time.
+
+Guards, counted in caller audio rather than wall time so they behave the same under load: a
+`start_mute_secs` window at call start (ringback, the caller's "hello?" over the greeting), and
+`half_duplex`, which never interrupts and feeds the model silence while the bot talks (for
+echoing speakerphones).
 """
 
 from pipecat.frames.frames import (
@@ -18,23 +30,30 @@ from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
     StartFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
+from processors.frames import BargeInFrame, CallerVoiceFrame
+
 
 class BargeInParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    min_speech_secs: float = Field(0.0, ge=0, description="caller speech needed after VAD confirms it (VAD start_secs comes first)")
-    start_mute_secs: float = Field(1.0, ge=0, description="no barge-in during the call's first seconds (ringback, greeting)")
+    min_speech_secs: float = Field(
+        0.4, ge=0, description="caller speech, from its onset over the audible bot, that takes the floor; shorter is a backchannel")
+    overlap_secs: float = Field(
+        1.0, ge=0, description="when the bot starts over a talking caller: caller speech over it that takes the floor back")
+    start_mute_secs: float = Field(1.0, ge=0, description="no barge-in for speech starting in the call's first seconds (ringback, greeting)")
     half_duplex: bool = Field(False, description="never interrupt; the model hears silence while the bot speaks")
 
 
 class BargeInProcessor(FrameProcessor):
-    """Interrupt the bot when the caller talks over it: the provider gets `clear`, queued audio is dropped."""
+    """Interrupt the bot when the caller takes the floor from it: `clear` at the provider, queued audio dropped."""
 
     Params = BargeInParams
 
@@ -42,52 +61,87 @@ class BargeInProcessor(FrameProcessor):
         super().__init__(**kwargs)
         self._params = params or BargeInParams()
         self._call_secs = 0.0
-        self._bot_speaking = False
-        self._user_speaking = False
-        self._speech_secs = 0.0
-        self._fired = False  # one interruption per caller turn
-        self.stats = {"interruptions": 0, "muted_at_start": 0, "too_short": 0, "half_duplex_secs": 0.0}
+        self._bot_audible = False
+        self._in_turn = False  # the caller's turn (turn processor), not one speech segment
+        self._voiced = False
+        self._rule: str | None = None  # what the current speech is counted for: "floor", "overlap" or None
+        self._speech_secs = 0.0  # caller speech counted for the rule
+        self._since = 0.0  # call seconds where the counted speech (or the bot's overlap) began
+        self._unjudged = 0.0  # seconds of the last audio frame, whose verdict follows it
+        self.stats = {"interruptions": 0, "overlaps": 0, "backchannels": 0, "muted_at_start": 0, "half_duplex_secs": 0.0}
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, InputAudioRawFrame):
             frame = await self._caller_audio(frame)
+        elif isinstance(frame, CallerVoiceFrame):
+            self._voiced = frame.voiced
+            await self._count_speech()
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            await self._speech_started(frame.start_secs)
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            if self._rule == "floor":
+                self.stats["backchannels"] += self._bot_audible
+                self._rule = None
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            self._in_turn = True
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            self._in_turn = False
+            if self._rule == "overlap":
+                self._rule = None
+        elif isinstance(frame, BotStartedSpeakingFrame):  # from the pacer, downstream of us: it comes upstream
+            self._bot_started()
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_audible = False
+            self._rule = None
         elif isinstance(frame, StartFrame):
             self._call_secs = 0.0
-        elif isinstance(frame, BotStartedSpeakingFrame):
-            self._bot_speaking = True
-            await self._maybe_interrupt()
-        elif isinstance(frame, BotStoppedSpeakingFrame):
-            self._bot_speaking = False
-        elif isinstance(frame, VADUserStartedSpeakingFrame):
-            self._user_speaking, self._speech_secs, self._fired = True, 0.0, False
-            await self._maybe_interrupt()
-        elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            if self._user_speaking and self._bot_speaking and not self._fired and not self._params.half_duplex:
-                self.stats["too_short"] += 1
-            self._user_speaking = False
         await self.push_frame(frame, direction)
 
+    async def _speech_started(self, start_secs: float):
+        """A speech segment: over the audible bot, and not inside an overlap, it may be taking the floor."""
+        if not self._bot_audible or self._rule == "overlap" or self._params.half_duplex:
+            return
+        if self._call_secs < self._params.start_mute_secs:
+            self.stats["muted_at_start"] += 1
+            return
+        # VAD's start_secs is the speech up to and including the frame that confirmed it
+        self._rule, self._speech_secs, self._since = "floor", start_secs, self._call_secs - start_secs
+        self._unjudged = 0.0
+        await self._check()
+
+    def _bot_started(self):
+        self._bot_audible = True
+        if self._in_turn and not self._params.half_duplex:  # the bot chose to start over the caller
+            self.stats["overlaps"] += 1
+            self._rule, self._speech_secs, self._since = "overlap", 0.0, self._call_secs
+
     async def _caller_audio(self, frame: InputAudioRawFrame) -> InputAudioRawFrame:
+        await self._count_speech()  # no verdict came: the frame before sounded like the one before it
         secs = len(frame.audio) / 2 / frame.num_channels / frame.sample_rate
         self._call_secs += secs
-        if self._user_speaking:
-            self._speech_secs += secs
-            await self._maybe_interrupt()
-        if self._params.half_duplex and self._bot_speaking:
+        self._unjudged = secs
+        if self._params.half_duplex and self._bot_audible:
             self.stats["half_duplex_secs"] += secs
             return InputAudioRawFrame(audio=bytes(len(frame.audio)), sample_rate=frame.sample_rate, num_channels=frame.num_channels)
         return frame
 
-    async def _maybe_interrupt(self):
-        if not (self._user_speaking and self._bot_speaking) or self._fired or self._params.half_duplex:
+    async def _count_speech(self):
+        """Credit the last audio frame once its verdict is known (VAD judges a frame after passing it on)."""
+        secs, self._unjudged = self._unjudged, 0.0
+        if not (self._rule and self._voiced and secs):
             return
-        if self._call_secs < self._params.start_mute_secs:
-            self.stats["muted_at_start"] += 1
-            self._fired = True  # this turn began in the mute window: it never barges in
-            return
-        if self._speech_secs < self._params.min_speech_secs:
-            return
-        self._fired = True
+        self._speech_secs += secs
+        await self._check()
+
+    async def _check(self):
+        needed = self._params.min_speech_secs if self._rule == "floor" else self._params.overlap_secs
+        if self._rule and self._speech_secs >= needed:
+            await self._interrupt()
+
+    async def _interrupt(self):
+        rule, self._rule = self._rule, None
         self.stats["interruptions"] += 1
+        await self.push_frame(BargeInFrame(rule=rule, speech_secs=round(self._speech_secs, 3),
+                                           onset_secs_ago=round(self._call_secs - self._since, 3)))
         await self.broadcast_interruption()

@@ -5,11 +5,12 @@ speech. An utterance starts at the first 20 ms window above the level threshold 
 (the model's words arrive with their audio), and ends after `hangover_secs` with neither. The
 pacer turns these brackets into marks and the caller-facing bot-speaking state.
 
-After a barge-in the rest of the interrupted utterance is the model finishing a sentence nobody
-wants: it is replaced by silence (keeping the stream's timing) and its text is dropped until the
-model has been quiet for `hangover_secs` with the caller silent too. Quiet while the caller is
-still talking does not count: a model that pauses for breath and carries on over the caller is
-still in the turn that was interrupted.
+After a barge-in the model is still finishing what it said before it could have heard the caller:
+that rest is replaced by silence (keeping the stream's timing) and its words are dropped, for at
+`mute_secs` of model audio: the engine round trip plus the model's own reaction, by which time a
+full-duplex model has stopped by itself. Whatever comes after is the model's answer to the caller
+and passes, whoever is talking (barge-in judges it again if the caller keeps the floor).
+ModelMuteFrames mark the span and carry the dropped words for the call record.
 """
 
 import numpy as np
@@ -21,11 +22,11 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
+
+from processors.frames import ModelMuteFrame
 
 
 class BotSpeechParams(BaseModel):
@@ -34,6 +35,7 @@ class BotSpeechParams(BaseModel):
     threshold_dbfs: float = Field(-40.0, le=0, description="20 ms window RMS that counts as speech")
     hangover_secs: float = Field(0.4, gt=0, description="quiet this long (no text either) ends an utterance")
     use_text: bool = Field(True, description="the model's text pieces also mark speech")
+    mute_secs: float = Field(0.5, ge=0, description="after a barge-in, model audio silenced at most this long (engine round trip + reaction)")
 
 
 WINDOW_SECS = 0.02
@@ -49,11 +51,12 @@ class BotSpeechProcessor(FrameProcessor):
         self._params = params or BotSpeechParams()
         self._threshold = 32768.0 * 10 ** (self._params.threshold_dbfs / 20)
         self._speaking = False  # inside an utterance
-        self._muted = False  # inside the rest of an interrupted utterance
+        self._muted = False  # silencing what the model said before it heard a barge-in
+        self._muted_secs = 0.0  # model audio silenced in this mute
+        self._muted_words: list[str] = []
         self._quiet = 0.0  # seconds since the last speech window or text piece
-        self._caller_speaking = False
         self._count = 0
-        self.stats = {"utterances": 0, "muted_secs": 0.0, "text_dropped": 0}
+        self.stats = {"utterances": 0, "mutes": 0, "muted_secs": 0.0, "text_dropped": 0}
 
     @property
     def _context(self) -> str:
@@ -67,23 +70,16 @@ class BotSpeechProcessor(FrameProcessor):
         if direction == FrameDirection.DOWNSTREAM and isinstance(frame, TTSTextFrame) and self._params.use_text:
             if self._muted:
                 self.stats["text_dropped"] += 1
+                self._muted_words.append(frame.text if frame.includes_inter_frame_spaces else f" {frame.text}")
                 return
             self._quiet = 0.0
             if not self._speaking:
                 await self.push_frame(self._open())
-        elif isinstance(frame, VADUserStartedSpeakingFrame):
-            self._caller_speaking = True
-        elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            self._caller_speaking = False
         elif isinstance(frame, StartFrame):
             self._speaking = self._muted = False
         elif isinstance(frame, InterruptionFrame):
             await self.push_frame(frame, direction)
-            if self._speaking:
-                self._speaking = False
-                self._muted = True
-                self._quiet = 0.0
-                await self.push_frame(TTSStoppedFrame(context_id=self._context))
+            await self._mute()
             return
         await self.push_frame(frame, direction)
 
@@ -93,30 +89,49 @@ class BotSpeechProcessor(FrameProcessor):
         self.stats["utterances"] += 1
         return TTSStartedFrame(context_id=self._context)
 
+    async def _mute(self):
+        """A barge-in: end the utterance and silence the model until it could be answering the caller."""
+        if self._speaking:
+            self._speaking = False
+            await self.push_frame(TTSStoppedFrame(context_id=self._context))
+        if not self._muted and self._params.mute_secs > 0:
+            self._muted, self._muted_secs, self._quiet = True, 0.0, 0.0
+            self.stats["mutes"] += 1
+            await self.push_frame(ModelMuteFrame(muted=True))
+
+    def _unmute(self) -> ModelMuteFrame:
+        self._muted = False
+        words, self._muted_words = "".join(self._muted_words).strip(), []
+        return ModelMuteFrame(muted=False, secs=round(self._muted_secs, 3), words=words)
+
     async def _audio(self, frame: OutputAudioRawFrame):
         before: list[Frame] = []
-        for loud, secs in self._windows(frame):
-            if loud:
+        muted = 0  # bytes of the frame silenced, from its start
+        for loud, secs, size in self._windows(frame):
+            if self._muted:
+                muted += size
+                self._muted_secs += secs
+                self.stats["muted_secs"] += secs
+                if self._muted_secs >= self._params.mute_secs - 1e-9:
+                    before.append(self._unmute())
+            elif loud:
                 self._quiet = 0.0
-                if not self._speaking and not self._muted:
+                if not self._speaking:
                     before.append(self._open())
-                continue
-            if not (self._muted and self._caller_speaking):
+            else:
                 self._quiet += secs
-            if self._quiet >= self._params.hangover_secs:
-                if self._speaking:
+                if self._speaking and self._quiet >= self._params.hangover_secs:
                     self._speaking = False
                     before.append(TTSStoppedFrame(context_id=self._context))
-                self._muted = False
         for f in before:
             await self.push_frame(f)
-        if self._muted:
-            self.stats["muted_secs"] += len(frame.audio) / 2 / frame.sample_rate
-            frame = type(frame)(audio=bytes(len(frame.audio)), sample_rate=frame.sample_rate, num_channels=frame.num_channels)
+        if muted:
+            audio = bytes(muted) + frame.audio[muted:]
+            frame = type(frame)(audio=audio, sample_rate=frame.sample_rate, num_channels=frame.num_channels)
         await self.push_frame(frame)
 
     def _windows(self, frame: OutputAudioRawFrame):
-        """(window is speech, its seconds) for each 20 ms window of the frame, in one numpy pass."""
+        """(window is speech, its seconds, its bytes) for each 20 ms window of the frame, in one numpy pass."""
         pcm = np.frombuffer(frame.audio, dtype=np.int16).astype(np.float32)
         if not len(pcm):
             return []
@@ -124,4 +139,4 @@ class BotSpeechProcessor(FrameProcessor):
         starts = np.arange(0, len(pcm), step)
         sizes = np.diff(np.append(starts, len(pcm)))
         loud = np.add.reduceat(pcm * pcm, starts) / sizes >= self._threshold**2
-        return zip(loud.tolist(), (sizes / frame.sample_rate).tolist())
+        return zip(loud.tolist(), (sizes / frame.sample_rate).tolist(), (2 * sizes).tolist())

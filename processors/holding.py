@@ -3,7 +3,9 @@
 PersonaPlex spends 2-9 s in its prompt phase before it says anything, and Exotel drops a bot that
 stays silent for 10 s; a model can also go quiet after the caller's turn, or die. A clip plays
 (a) from call start until the engine answers (repeated while it still has not), (b) when the
-caller's turn ended and the model produced no speech for `slow_after_secs`, (c) as an apology
+caller's turn ended (the turn processor's UserStoppedSpeakingFrame, not a pause inside it) and
+the model produced no speech for `slow_after_secs`, never over model speech or its muted rest
+after a barge-in, (c) as an apology
 when the engine fails, before the call is hung up.
 
 Clips are WAV files named in YAML, read and resampled to every telephony rate once at start-up
@@ -27,8 +29,8 @@ from pipecat.frames.frames import (
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines.audio import read_wav
 from pipelines.config import CONFIG_DIR
 from pipelines.errors import ParamsError
-from processors.frames import HOLDING_CONTEXT, EngineFailedFrame, FadeOutFrame
+from processors.frames import HOLDING_CONTEXT, EngineFailedFrame, FadeOutFrame, ModelMuteFrame
 
 TELEPHONY_RATES = (8000, 16000, 24000)
 DEFAULT_CLIPS = {"greeting": "clips/greeting.wav", "one_moment": "clips/one_moment.wav", "apology": "clips/apology.wav"}
@@ -112,6 +114,7 @@ class HoldingProcessor(FrameProcessor):
         self._failed = False
         self._clip_until = 0.0  # loop time the clip now playing ends (0: none)
         self._model_speaking = False
+        self._model_muted = False
         self._prompt_task: asyncio.Task | None = None
         self._slow_task: asyncio.Task | None = None
         self.stats: dict = {"played": {}, "faded": 0}
@@ -135,10 +138,12 @@ class HoldingProcessor(FrameProcessor):
             await self._fade_clip()
         elif downstream and isinstance(frame, TTSStoppedFrame) and not _is_clip(frame):
             self._model_speaking = False
-        elif isinstance(frame, VADUserStartedSpeakingFrame):
+        elif isinstance(frame, UserStartedSpeakingFrame):
             await self._cancel_slow()
-        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+        elif isinstance(frame, UserStoppedSpeakingFrame):
             await self._arm_slow()
+        elif isinstance(frame, ModelMuteFrame):
+            self._model_muted = frame.muted
         elif isinstance(frame, InterruptionFrame):
             self._clip_until = 0.0  # the pacer dropped it
         elif isinstance(frame, EngineFailedFrame):
@@ -181,7 +186,7 @@ class HoldingProcessor(FrameProcessor):
 
     async def _arm_slow(self):
         await self._cancel_slow()
-        if self._params.slow_clip and self._engine_ready.is_set() and not self._failed and not self._model_speaking:
+        if self._params.slow_clip and self._engine_ready.is_set() and not self._failed and not self._model_busy():
             self._slow_task = self.create_task(self._slow_engine(), name="holding-slow")
 
     async def _cancel_slow(self):
@@ -192,8 +197,12 @@ class HoldingProcessor(FrameProcessor):
     async def _slow_engine(self):
         await asyncio.sleep(self._params.slow_after_secs)
         self._slow_task = None  # from here on the clip is pushed whole, never cut between its frames
-        if not self._model_speaking and not self._failed and self._clip_until <= self._now():
+        if not self._model_busy() and not self._failed and self._clip_until <= self._now():
             await self._play(self._params.slow_clip, "slow_engine")
+
+    def _model_busy(self) -> bool:
+        """Model speech is going out, or its muted rest after a barge-in: no clip over either."""
+        return self._model_speaking or self._model_muted
 
     async def _on_failure(self):
         if self._failed:

@@ -123,6 +123,7 @@ class BatchedSileroAnalyzer(SileroVADAnalyzer):
         self._windows_since_reset = 0
         self._low_confidence_windows = 0
         self._score = 0.0
+        self.voiced = False  # the last window's verdict: STARTING or SPEAKING, not STOPPING or QUIET
         silero_session()  # the first call loads it (in the caller's worker thread)
 
     async def analyze_audio(self, buffer: bytes) -> VADState:
@@ -134,6 +135,7 @@ class BatchedSileroAnalyzer(SileroVADAnalyzer):
             samples = np.frombuffer(window, np.int16).astype(np.float32) / 32768.0
             self._score = await batcher().score(self._model, samples, self.sample_rate)
             state = self._run_analyzer(window)  # pipecat's state machine, one window at a time
+            self.voiced = state in (VADState.STARTING, VADState.SPEAKING)
         self._vad_buffer = data
         return state
 

@@ -11,7 +11,9 @@ two keeps a click or cough from barging in. No white, pink or brown noise or 1 k
 Calls share one Silero session and score their windows in batches (processors/silero.py). The
 first call loads the session (~40 ms of blocking work), so the analyzer is built in a worker thread
 after setup() and the call does not wait for it: audio passes unanalysed for those first tens of
-milliseconds, inside barge-in's start mute window. The analyzer
+milliseconds, inside barge-in's start mute window. Besides pipecat's speech start/stop frames
+(which lag speech by start_secs/stop_secs), a CallerVoiceFrame follows Silero's window-by-window
+verdict, so barge-in can tell a short backchannel from a caller taking the floor. The analyzer
 follows the rate of the audio frames (a resampler may sit in front); Silero only knows 8 and
 16 kHz, and any other rate is reported once as an ErrorFrame and the audio passed through.
 """
@@ -25,6 +27,7 @@ from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADPro
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
+from processors.frames import CallerVoiceFrame
 from processors.silero import RATES as SILERO_RATES
 from processors.silero import BatchedSileroAnalyzer
 
@@ -56,6 +59,7 @@ class VADProcessor(PipecatVADProcessor):
         self._loading: asyncio.Task | None = None
         self._started = False
         self._bad_rate_reported = False
+        self._voiced = False
 
     async def setup(self, setup: FrameProcessorSetup):
         # Skip pipecat's VADProcessor.setup (it needs the analyzer): the call starts, and its greeting
@@ -91,6 +95,9 @@ class VADProcessor(PipecatVADProcessor):
                 return
             self._analyzer.set_sample_rate(frame.sample_rate)  # resets the VAD state, as a new stream should
         await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame) and self._analyzer.voiced != self._voiced:
+            self._voiced = self._analyzer.voiced
+            await self.push_frame(CallerVoiceFrame(voiced=self._voiced))
 
     async def _reject(self, frame: InputAudioRawFrame, direction: FrameDirection):
         await super(PipecatVADProcessor, self).process_frame(frame, direction)

@@ -6,7 +6,8 @@ shape serves audio, marks and control and the page needs no binary framing. Mark
 mean to Twilio: echoed once the audio before them has played, or was dropped by a `clear`.
 
 The state the page shows (listening / thinking / speaking) is derived from the frames that reach
-the output: the VAD's caller turn frames and the pacer's bot speaking frames (which follow the
+the output: the caller's turn frames (a pause inside a sentence does not end a turn) and the
+pacer's bot speaking frames (which follow the
 audio as played, marks included). "Thinking" is the gap between the caller's turn and the bot's
 answer (a turn that ends while the bot talks needs no wait); a full-duplex model may never answer,
 so it lasts until someone speaks.
@@ -31,8 +32,8 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSStoppedFrame,
     TTSTextFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -205,9 +206,9 @@ class BrowserProtocol(JsonProtocol):
         if isinstance(frame, EngineFailedFrame):
             self._end_reason = "engine failed"
             return [dump({"type": "error", "message": f"the speech engine failed: {frame.reason}"})]
-        if isinstance(frame, VADUserStartedSpeakingFrame):
+        if isinstance(frame, UserStartedSpeakingFrame):
             self._user_speaking, self._awaiting_bot = True, False
-        elif isinstance(frame, VADUserStoppedSpeakingFrame):  # over the bot, the bot's speech is the answer
+        elif isinstance(frame, UserStoppedSpeakingFrame):  # over the bot, the bot's speech is the answer
             self._user_speaking, self._awaiting_bot = False, not self._bot_speaking
         elif isinstance(frame, BotStartedSpeakingFrame):
             self._bot_speaking, self._awaiting_bot = True, False

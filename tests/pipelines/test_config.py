@@ -54,7 +54,7 @@ def test_shipped_exotel_config_is_valid():
     assert cfg.server.port == 5050 and deployment.transport_params.path == "/exotel"
     assert cfg.engine.urls == [] and cfg.engine.local_engines >= 2
     assert [p.entry.name for p in deployment.processors] == [
-        "vad", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
+        "vad", "turn", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
 
 
 @pytest.mark.parametrize("name", ["exotel.yaml", "twilio.yaml", "browser.yaml"])
@@ -63,7 +63,7 @@ def test_every_shipped_call_config_runs_the_conversation_core(name):
     deployment = load_plan(name)
     assert deployment.loaded.config.transport.type == name.removesuffix(".yaml")
     assert [p.entry.name for p in deployment.processors] == [
-        "vad", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
+        "vad", "turn", "barge_in", "resample", "personaplex", "bot_speech", "resample", "holding", "pacer"]
     personas = {n: p.params.personas for n, p in [(q.entry.name, q) for q in deployment.processors] if n == "personaplex"}
     assert set(personas["personaplex"]) == {"support", "sales"}
 

@@ -17,8 +17,8 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pydantic import ValidationError
 
@@ -179,14 +179,14 @@ def test_start_frame_announces_the_session():
 def test_state_follows_caller_turns_and_played_bot_speech_and_is_sent_on_change_only():
     proto = started()
     proto.event(StartFrame())
-    frames = [VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(), BotStartedSpeakingFrame(),
+    frames = [UserStartedSpeakingFrame(), UserStoppedSpeakingFrame(), BotStartedSpeakingFrame(),
               BotStoppedSpeakingFrame(),
               # the caller talks over the bot: "listening" at once; a turn ending under bot speech needs no wait
-              BotStartedSpeakingFrame(), VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(),
+              BotStartedSpeakingFrame(), UserStartedSpeakingFrame(), UserStoppedSpeakingFrame(),
               BotStoppedSpeakingFrame(),
               # a barge-in: the bot stops while the caller talks, then the caller waits for an answer
-              BotStartedSpeakingFrame(), VADUserStartedSpeakingFrame(), InterruptionFrame(),
-              BotStoppedSpeakingFrame(), VADUserStoppedSpeakingFrame()]
+              BotStartedSpeakingFrame(), UserStartedSpeakingFrame(), InterruptionFrame(),
+              BotStoppedSpeakingFrame(), UserStoppedSpeakingFrame()]
     states = [m["state"] for f in frames for m in sent(proto.event(f))]
     assert states == ["thinking", "speaking", "listening", "speaking", "listening", "speaking",
                       "listening", "speaking", "listening", "thinking"]
