@@ -8,8 +8,6 @@ wall time.
 import numpy as np
 import pytest
 from pipecat.frames.frames import (
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     SpeechOutputAudioRawFrame,
@@ -21,6 +19,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from pipelines.audio import read_wav
 from processors.bot_speech import BotSpeechParams, BotSpeechProcessor
+from processors.frames import ModelMuteFrame
 from tests.fixtures import FIXTURES
 from tests.speech import speech
 
@@ -180,101 +179,70 @@ async def test_text_keeps_a_quiet_utterance_open_and_use_text_false_ignores_it()
     assert [f for f in down if isinstance(f, TTSTextFrame)] == texts
 
 
-async def test_interruption_mid_utterance_stops_mutes_the_rest_and_drops_its_text_then_recovers():
+async def test_interruption_mid_utterance_mutes_a_bounded_span_then_the_model_is_heard_again():
+    """The model finishes its sentence instead of yielding: only mute_secs of it are silenced."""
     q = question()
     cut = int(1.2 * RATE) // FRAME * FRAME  # interrupted 1.2 s into the sentence (a whole number of frames)
     head = frames_of(np.concatenate([silence(0.32), q[:cut]]))
     rest = frames_of(q[cut:])
-    rest_texts = [TTSTextFrame(text=t, text_type="word") for t in ("my", "order", "status")]
-    rest_with_text = rest[:3] + [rest_texts[0]] + rest[3:10] + [rest_texts[1]] + rest[10:20] + [rest_texts[2]] + rest[20:]
-    quiet = frames_of(silence(1.0))
-    again_text = TTSTextFrame(text="Sorry", text_type="word")
-    again = frames_of(np.concatenate([word(), silence(1.0)]))
-    assert len(loud_frames(rest)) > len(rest) // 2  # the rest is still speech
+    assert len(rest) > 12  # the rest is longer than the 0.48 s mute
+    muted_texts = [TTSTextFrame(text=t, text_type="word") for t in ("my", "order")]
+    heard_text = TTSTextFrame(text="status", text_type="word")
+    rest_with_text = rest[:2] + [muted_texts[0]] + rest[2:4] + [muted_texts[1]] + rest[4:8] + [heard_text] + rest[8:]
     interruption = InterruptionFrame()
-    sent = head + [SleepFrame(0.3), interruption, SleepFrame(0.3)] + rest_with_text + quiet + [again_text] + again
+    sent = head + [SleepFrame(0.3), interruption, SleepFrame(0.3)] + rest_with_text + frames_of(silence(1.0))
 
-    bot = processor()
+    bot = processor(mute_secs=0.48)  # six 80 ms frames
     down, up = await run_test(bot, frames_to_send=sent)
 
-    assert brackets(down) == [
-        ("TTSStartedFrame", "bot-1"),
-        ("TTSStoppedFrame", "bot-1"),
-        ("TTSStartedFrame", "bot-2"),
-        ("TTSStoppedFrame", "bot-2"),
-    ]
     i = next(k for k, f in enumerate(down) if isinstance(f, InterruptionFrame))
     assert isinstance(down[i + 1], TTSStoppedFrame) and down[i + 1].context_id == "bot-1"
+    assert isinstance(down[i + 2], ModelMuteFrame) and down[i + 2].muted
     assert audio_before(down, down[i]) == len(head)  # nothing of the head was lost or held back
-
     out = audio_of(down)
-    all_audio = [f for f in sent if isinstance(f, OutputAudioRawFrame)]
-    assert_audio_kept(down, all_audio)
-    # the rest of the interrupted utterance: zeros of the same length, frame class kept
-    muted = out[len(head) : len(head) + len(rest)]
-    assert all(f.audio == bytes(len(f.audio)) for f in muted)
-    assert all(type(f) is SpeechOutputAudioRawFrame for f in muted)
-    # its text is dropped; the next utterance's text passes
-    assert [f.text for f in down if isinstance(f, TTSTextFrame)] == ["Sorry"]
-    assert bot.stats["text_dropped"] == len(rest_texts)
-    assert bot.stats["muted_secs"] > 0
-    # the new utterance opens at its text and its audio is untouched
-    started2 = [f for f in down if isinstance(f, TTSStartedFrame)][1]
-    assert down[down.index(started2) + 1] is again_text
-    assert [f.audio for f in out[-len(again) :]] == [f.audio for f in again]
-    # the head before the interruption was untouched too
-    assert [f.audio for f in out[: len(head)]] == [f.audio for f in head]
+    assert_audio_kept(down, [f for f in sent if isinstance(f, OutputAudioRawFrame)])
+    # exactly six frames of zeros, frame class kept; the rest untouched
+    assert all(f.audio == bytes(len(f.audio)) for f in out[len(head) : len(head) + 6])
+    assert all(type(f) is SpeechOutputAudioRawFrame for f in out[len(head) : len(head) + 6])
+    assert [f.audio for f in out[len(head) + 6 :]] == [f.audio for f in (rest + frames_of(silence(1.0)))[6:]]
+    [end] = [f for f in down if isinstance(f, ModelMuteFrame) and not f.muted]
+    assert end.secs == pytest.approx(0.48) and end.words == "my order"
+    assert audio_before(down, end) == len(head) + 5  # ends with the sixth muted frame, before it goes out
+    # the muted words are dropped; what the model says after the mute is heard, as a new utterance
+    assert [f.text for f in down if isinstance(f, TTSTextFrame)] == ["status"]
+    assert [c for _, c in brackets(down)] == ["bot-1", "bot-1", "bot-2", "bot-2"]
+    assert bot.stats["text_dropped"] == 2 and bot.stats["muted_secs"] == pytest.approx(0.48) and bot.stats["mutes"] == 1
     assert up == []
 
 
-async def test_interruption_mute_ends_after_hangover_of_quiet_then_speech_opens_by_level():
-    """No text this time: after the muted rest and hangover_secs of quiet, loud audio alone opens bot-2."""
+async def test_a_model_that_yields_is_heard_when_it_answers():
     w = word()
     head = frames_of(np.concatenate([silence(0.32), w]))
-    rest = frames_of(np.concatenate([w, silence(0.6)]))
-    again = frames_of(np.concatenate([w, silence(1.0)]))
-    sent = head + [SleepFrame(0.3), InterruptionFrame(), SleepFrame(0.3)] + rest + again
-    down, _ = await run_test(processor(), frames_to_send=sent)
-    assert brackets(down) == [
-        ("TTSStartedFrame", "bot-1"),
-        ("TTSStoppedFrame", "bot-1"),
-        ("TTSStartedFrame", "bot-2"),
-        ("TTSStoppedFrame", "bot-2"),
-    ]
-    started2 = [f for f in down if isinstance(f, TTSStartedFrame)][1]
-    assert audio_before(down, started2) == len(head) + len(rest) + loud_frames(again)[0]
-    out = audio_of(down)
-    assert all(f.audio == bytes(len(f.audio)) for f in out[len(head) : len(head) + len(rest)])
-    assert [f.audio for f in out[len(head) + len(rest) :]] == [f.audio for f in again]
-    assert_audio_kept(down, head + rest + again)
-
-
-async def test_quiet_while_the_caller_still_talks_does_not_end_the_mute():
-    """The model pauses longer than the hangover while the caller is talking, then carries on:
-    that is still the interrupted turn, and stays silent until it pauses with the caller quiet."""
-    w = word()
-    head = frames_of(np.concatenate([silence(0.32), w]))
-    over_caller = frames_of(np.concatenate([w, silence(0.8), w]))  # a 0.8 s breath, caller still talking
-    after_caller = frames_of(np.concatenate([w, silence(0.6)]))  # carries on once the caller stopped
-    again = frames_of(np.concatenate([w, silence(1.0)]))
-    sent = (head + [SleepFrame(0.3), InterruptionFrame(), VADUserStartedSpeakingFrame(), SleepFrame(0.3)] + over_caller
-            + [SleepFrame(0.3), VADUserStoppedSpeakingFrame(), SleepFrame(0.1)] + after_caller + again)
-    down, _ = await run_test(processor(), frames_to_send=sent)
-    out = audio_of(down)
-    muted = len(head) + len(over_caller) + len(after_caller)
-    assert all(f.audio == bytes(len(f.audio)) for f in out[len(head) : muted])
+    after = frames_of(np.concatenate([silence(0.6), w, silence(1.0)]))  # quiet, then the answer
+    sent = head + [SleepFrame(0.3), InterruptionFrame(), SleepFrame(0.3)] + after
+    down, _ = await run_test(processor(mute_secs=0.5), frames_to_send=sent)
     assert [c for _, c in brackets(down)] == ["bot-1", "bot-1", "bot-2", "bot-2"]
-    assert any(f.audio != bytes(len(f.audio)) for f in out[muted:])  # the next turn is heard
+    assert [f.audio for f in audio_of(down)[len(head) :]] == [f.audio for f in after]  # the answer is whole
+    assert [f.words for f in down if isinstance(f, ModelMuteFrame)] == ["", ""]
 
 
-async def test_interruption_while_quiet_is_forwarded_and_changes_nothing():
+async def test_interruption_while_quiet_mutes_only_silence():
     quiet = frames_of(silence(0.8))
     after = frames_of(np.concatenate([word(), silence(1.0)]))
-    sent = quiet + [SleepFrame(0.2), InterruptionFrame(), SleepFrame(0.2)] + after
-    down, _ = await run_test(processor(), frames_to_send=sent)
+    sent = quiet + [SleepFrame(0.2), InterruptionFrame(), SleepFrame(0.2)] + frames_of(silence(0.5)) + after
+    down, _ = await run_test(processor(mute_secs=0.5), frames_to_send=sent)
     assert sum(isinstance(f, InterruptionFrame) for f in down) == 1
     assert brackets(down) == [("TTSStartedFrame", "bot-1"), ("TTSStoppedFrame", "bot-1")]
-    assert [f.audio for f in audio_of(down)[len(quiet) :]] == [f.audio for f in after]
+    assert [f.audio for f in audio_of(down)[len(quiet) :]] == [f.audio for f in frames_of(silence(0.5)) + after]
+
+
+async def test_mute_zero_silences_nothing():
+    w = word()
+    head = frames_of(np.concatenate([silence(0.32), w]))
+    rest = frames_of(np.concatenate([w, silence(1.0)]))
+    down, _ = await run_test(processor(mute_secs=0.0), frames_to_send=head + [SleepFrame(0.3), InterruptionFrame(), SleepFrame(0.3)] + rest)
+    assert [f.audio for f in audio_of(down)[len(head) :]] == [f.audio for f in rest]
+    assert not any(isinstance(f, ModelMuteFrame) for f in down)
 
 
 def test_params_schema_rejects_unknown_keys_and_positive_threshold():

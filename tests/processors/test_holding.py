@@ -21,8 +21,8 @@ from pipecat.frames.frames import (
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
@@ -31,7 +31,7 @@ from pipelines import builder, config
 from pipelines.audio import read_wav, write_wav
 from pipelines.config import CONFIG_DIR
 from pipelines.errors import ParamsError
-from processors.frames import EngineFailedFrame, FadeOutFrame
+from processors.frames import EngineFailedFrame, FadeOutFrame, ModelMuteFrame
 from processors.holding import HoldingParams, HoldingProcessor
 from tests.speech import speech
 
@@ -189,8 +189,8 @@ async def test_no_fade_when_no_clip_is_playing(tmp_path, case):
 
 async def test_model_silent_after_the_callers_turn_plays_the_slow_clip(tmp_path):
     processor, params = holding(tmp_path, prompt_clip=None)
-    stopped = VADUserStoppedSpeakingFrame()
-    frames = [model_audio(), SleepFrame(0.05), VADUserStartedSpeakingFrame(), stopped, SleepFrame(0.4)]
+    stopped = UserStoppedSpeakingFrame()
+    frames = [model_audio(), SleepFrame(0.05), UserStartedSpeakingFrame(), stopped, SleepFrame(0.4)]
     down, _ = await run(processor, frames)
     slow = plays(down, "one_moment")
     assert len(slow) == 1 and slow[0] > down.index(stopped)
@@ -203,26 +203,35 @@ async def test_model_silent_after_the_callers_turn_plays_the_slow_clip(tmp_path)
 async def test_model_speech_or_caller_speech_within_the_window_cancels_the_slow_clip(tmp_path, cancel):
     processor, _ = holding(tmp_path, prompt_clip=None)
     # no sleep between the caller's pause and what cancels it: both land well inside slow_after_secs
-    frames = [model_audio(), SleepFrame(0.05), VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame()]
+    frames = [model_audio(), SleepFrame(0.05), UserStartedSpeakingFrame(), UserStoppedSpeakingFrame()]
     if cancel == "model-starts":
         frames += [TTSStartedFrame(context_id="bot-1"), SleepFrame(0.35)]
         down, _ = await run(processor, frames)
         assert plays(down) == []
         return
-    rearm = VADUserStoppedSpeakingFrame()
-    frames += [VADUserStartedSpeakingFrame(), SleepFrame(0.3), rearm, SleepFrame(0.4)]
+    rearm = UserStoppedSpeakingFrame()
+    frames += [UserStartedSpeakingFrame(), SleepFrame(0.3), rearm, SleepFrame(0.4)]
     down, _ = await run(processor, frames)
     # only the caller's next pause gets the clip
     assert [down.index(rearm) < i for i in plays(down)] == [True]
     assert len(plays(down, "one_moment")) == 1
 
 
+async def test_no_slow_clip_while_the_model_is_muted_after_a_barge_in(tmp_path):
+    processor, _ = holding(tmp_path, prompt_clip=None)
+    after = UserStoppedSpeakingFrame()
+    frames = [model_audio(), SleepFrame(0.05), ModelMuteFrame(muted=True), UserStartedSpeakingFrame(), UserStoppedSpeakingFrame()]
+    frames += [SleepFrame(0.4), ModelMuteFrame(muted=False), UserStartedSpeakingFrame(), after, SleepFrame(0.4)]
+    down, _ = await run(processor, frames)
+    assert [down.index(after) < i for i in plays(down)] == [True]
+
+
 async def test_no_slow_clip_before_the_engine_answered_or_while_the_model_speaks(tmp_path):
     processor, _ = holding(tmp_path, prompt_clip=None)
 
     def turn(wait: float):
-        stopped = VADUserStoppedSpeakingFrame()
-        return stopped, [VADUserStartedSpeakingFrame(), stopped, SleepFrame(wait)]
+        stopped = UserStoppedSpeakingFrame()
+        return stopped, [UserStartedSpeakingFrame(), stopped, SleepFrame(wait)]
 
     _, before_engine = turn(0.3)
     _, while_speaking = turn(0.3)
@@ -261,7 +270,7 @@ async def test_engine_failure_during_model_speech_fades_it_first(tmp_path):
 async def test_engine_failure_with_nothing_playing_apologises_once_and_nothing_follows(tmp_path):
     processor, _ = holding(tmp_path, prompt_clip=None)
     frames = [model_audio(), SleepFrame(0.1), EngineFailedFrame(), SleepFrame(0.1)]
-    frames += [VADUserStartedSpeakingFrame(), VADUserStoppedSpeakingFrame(), SleepFrame(0.35), EngineFailedFrame(), SleepFrame(0.05)]
+    frames += [UserStartedSpeakingFrame(), UserStoppedSpeakingFrame(), SleepFrame(0.35), EngineFailedFrame(), SleepFrame(0.05)]
     down, _ = await run(processor, frames)
     assert not any(isinstance(f, FadeOutFrame) for f in down)
     assert len(plays(down)) == 1 and len(plays(down, "apology")) == 1  # no slow clip after the failure either

@@ -17,6 +17,7 @@ from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADPro
 from pipecat.tests.utils import SleepFrame, run_test
 
 import processors.vad as vad
+from processors.frames import CallerVoiceFrame
 from processors.vad import VADParams, VADProcessor
 from tests.fixtures import energy_onset, fixture_wav
 
@@ -147,3 +148,25 @@ async def test_analyzer_is_built_off_the_event_loop(monkeypatch):
 def test_params_schema_rejects_unknown_keys():
     with pytest.raises(ValueError):
         VADParams(confidence=0.7, threshold=0.5)
+
+
+@pytest.mark.parametrize("name", ["question_8k", "interrupt_16k"])
+async def test_voice_frames_follow_silero_window_by_window_without_the_stop_hangover(name):
+    pcm, rate = fixture_wav(name)
+    down, _ = await feed(VADProcessor(VADParams()), with_silence(pcm, rate), rate)
+    verdicts = [f.voiced for f in down if isinstance(f, CallerVoiceFrame)]
+    assert verdicts[0] is True and verdicts == [k % 2 == 0 for k in range(len(verdicts))]  # changes only
+    # voiced audio: from each True to the next False, within the speech, never longer than VAD's segments
+    voiced, segments, voice_on, segment_on = 0.0, 0.0, False, False
+    for f in down:
+        if isinstance(f, CallerVoiceFrame):
+            voice_on = f.voiced
+        elif isinstance(f, VADUserStartedSpeakingFrame):
+            segment_on = True
+        elif isinstance(f, VADUserStoppedSpeakingFrame):
+            segment_on = False
+        elif isinstance(f, InputAudioRawFrame):
+            voiced += voice_on * MS / 1000
+            segments += segment_on * MS / 1000
+    assert 0.5 * len(pcm) / rate < voiced < len(pcm) / rate
+    assert voiced < segments
