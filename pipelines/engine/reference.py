@@ -4,6 +4,7 @@ It reproduces the behaviour clients trip over (docs/personaplex-protocol.md sect
 before validation (bad parameters => 1006), one global session slot with silent queueing, a prompt phase
 that eats client messages, the exact handshake and header pages, a strict uplink Ogg reader whose
 violations close with 1000, and input-clocked 80 ms output. What it says is scripted instead of generated:
+the caller's own turn played back when the turn ends, with a model's turn-taking (converse, the default);
 an echo of the caller, a tone, or WAV clips at set times with their words as text pieces.
 """
 
@@ -26,6 +27,7 @@ from loguru import logger
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav
+from pipelines.engine import converse
 from pipelines.engine.ogg import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
@@ -61,7 +63,11 @@ class ScriptLine(BaseModel, extra="forbid"):
 
 
 class EngineOptions(BaseModel, extra="forbid"):
-    mode: Literal["echo", "tone", "script"] = "echo"
+    mode: Literal["converse", "echo", "tone", "script"] = Field(
+        "converse",
+        description="converse: answers each caller turn after it ends, yields when talked over (a model's "
+        "turn-taking); echo: the caller back after echo_delay, over them; tone: a sine; script: `script` clips",
+    )
     handshake_delay: float = Field(0.5, ge=0)
     step_delay: float = Field(0.0, ge=0)
     echo_delay: float = Field(1.0, ge=0)
@@ -71,6 +77,23 @@ class EngineOptions(BaseModel, extra="forbid"):
     script_wav: str | None = None
     script_text: str = DEFAULT_SCRIPT_TEXT
     script_at: float = Field(0.5, ge=0)
+    # converse mode (a model's turn-taking; timings are rounded to 80 ms steps)
+    turn_end_secs: float = Field(
+        converse.TURN_END_SECS,
+        gt=0,
+        description="non-speech that ends a caller turn; longer than a comma pause (0.2-0.4 s)",
+    )
+    reply_delay_secs: float = Field(
+        converse.REPLY_DELAY_SECS,
+        ge=0,
+        description="from the end of a turn to the reply, the model's own latency; speech before it holds the reply",
+    )
+    yield_after_secs: float = Field(
+        converse.YIELD_AFTER_SECS,
+        gt=0,
+        description="unbroken caller speech over a reply that makes it fade out; shorter is a backchannel",
+    )
+    reply_text: str = Field(converse.REPLY_TEXT, description="words sent as text pieces over each reply")
     sessions: int = Field(1, ge=1)
     voices: list[str] = Field(default_factory=lambda: list(DEFAULT_VOICES))
     fail_after_frames: int | None = Field(None, ge=0)
@@ -82,7 +105,12 @@ class EngineOptions(BaseModel, extra="forbid"):
         return self
 
     def script_lines(self) -> list[ScriptLine]:
-        return self.script or [ScriptLine(at=self.script_at, wav=self.script_wav, text=self.script_text)]
+        """Script mode has one default line; converse mode speaks only lines it is given."""
+        if self.script:
+            return self.script
+        if self.mode == "converse" and not self.model_fields_set & {"script_wav", "script_text", "script_at"}:
+            return []
+        return [ScriptLine(at=self.script_at, wav=self.script_wav, text=self.script_text)]
 
 
 @dataclass
@@ -214,10 +242,12 @@ class ReferenceEngine:
         self.port: int | None = None
         self.url: str | None = None
         self._script: list[tuple[float, np.ndarray, str]] = []  # loaded once, shared by every session
-        if self.options.mode == "script":
+        if self.options.mode in ("script", "converse"):
             lines = self.options.script_lines()
             clips = {path: load_clip(path) for path in {line.wav or default_script_wav() for line in lines}}
             self._script = [(line.at, clips[line.wav or default_script_wav()], line.text) for line in lines]
+        if self.options.mode == "converse":
+            converse.silero_session()  # loaded at start-up, not in the first call's session
         self._slots: asyncio.Semaphore | None = None
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
@@ -399,10 +429,19 @@ class ReferenceEngine:
         _abort(request)
 
     def _new_agent(self) -> _Agent:
-        if self.options.mode == "echo":
-            return EchoAgent(self.options.echo_delay)
-        if self.options.mode == "tone":
-            return ToneAgent(self.options.tone_hz)
+        options = self.options
+        if options.mode == "converse":
+            return converse.ConverseAgent(
+                text_pieces(options.reply_text),
+                ScriptAgent(self._script) if self._script else None,
+                turn_end_secs=options.turn_end_secs,
+                reply_delay_secs=options.reply_delay_secs,
+                yield_after_secs=options.yield_after_secs,
+            )
+        if options.mode == "echo":
+            return EchoAgent(options.echo_delay)
+        if options.mode == "tone":
+            return ToneAgent(options.tone_hz)
         return ScriptAgent(self._script)
 
 
@@ -472,7 +511,7 @@ def _parser() -> argparse.ArgumentParser:
                    "engine per port, like a PersonaPlex fleet (default: 8998)")
     p.add_argument(
         "--mode",
-        choices=["echo", "tone", "script"],
+        choices=["converse", "echo", "tone", "script"],
         help=f"default: script with --say, else {defaults.mode}",
     )
     p.add_argument(
@@ -488,6 +527,10 @@ def _parser() -> argparse.ArgumentParser:
         help="simulated GPU seconds per 80 ms step; above 0.08 latency grows",
     )
     p.add_argument("--echo-delay", type=float, default=defaults.echo_delay)
+    for name in ("turn_end_secs", "reply_delay_secs", "yield_after_secs"):
+        field = EngineOptions.model_fields[name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=field.default,
+                       help=f"converse mode: {field.description} (default: %(default)s)")
     p.add_argument("--tone-hz", type=float, default=defaults.tone_hz)
     p.add_argument(
         "--say",
@@ -552,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
             handshake_delay=args.handshake_delay,
             step_delay=args.step_delay,
             echo_delay=args.echo_delay,
+            turn_end_secs=args.turn_end_secs,
+            reply_delay_secs=args.reply_delay_secs,
+            yield_after_secs=args.yield_after_secs,
             tone_hz=args.tone_hz,
             script=args.say or [],
             sessions=args.sessions,

@@ -251,7 +251,7 @@ async def test_output_is_clocked_by_input_frames(make_engine):
 
 
 async def test_echo_returns_the_callers_speech_after_echo_delay_with_text(make_engine):
-    engine = await make_engine(echo_delay=0.4)
+    engine = await make_engine(mode="echo", echo_delay=0.4)
     sent = frames_of(silence(0.2), speech_24k(), silence(0.7))
     n = len(sent) // FRAME_SAMPLES
     caller = await session(engine)
