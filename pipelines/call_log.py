@@ -9,16 +9,29 @@ started. The events, and their fields besides `t`:
     dtmf              digit
     mark_played       mark
     provider_stop     reason
-    user_started      onset (estimated speech onset: VAD confirmation minus its start_secs)
-    user_stopped
+    user_started      onset: a VAD speech segment (estimated onset: VAD confirmation minus start_secs)
+    user_stopped      the segment ends (after VAD's short stop hangover, ~0.2 s)
+    turn_started      onset (of the segment that opened it, when one is open): the caller's turn
+    turn_ended        segments (VAD segments in the turn): after the turn's longer silence (~0.7 s)
     bot_started       bot audio audible to the caller (clips included), from the pacer
     bot_stopped
     speech_started    context: the model speaks (bot_speech's utterances)
     speech_stopped    context
-    bot_text          text: the model's words for the utterance just ended
+    bot_text          context, text (words the caller heard), muted (words said after a barge-in
+                      and silenced, never heard; "" when none). An interrupted utterance's bot_text
+                      waits for its mute_ended, so both halves land in one event.
     holding           clip, secs: a holding clip starts
     first_audio       ms: call start to the first bot audio sent
-    barge_in          latency_ms: estimated caller speech onset to the provider `clear`
+    barge_in          the provider `clear` answering a caller who took the floor:
+                      latency_ms (caller speech onset over audible bot audio -> clear),
+                      onset (that moment, call seconds), rule (barge_in's "floor"/"overlap"; null
+                      when no BargeInFrame came: an interruption decided elsewhere), speech_ms
+                      (caller speech the rule counted), decision_ms (BargeInFrame -> clear: what
+                      the bridge adds after deciding)
+    clear             a `clear` with no barge-in behind it (no decision, caller not talking: drain,
+                      engine failure)
+    mute_started      bot_speech starts silencing the interrupted model
+    mute_ended        secs (model audio dropped), words (the model's words in it, never heard)
     engine_waiting    busy: every engine is serving a call; the call queues
     engine_acquired   url, wait_ms
     engine_ready      url, handshake_ms
@@ -29,10 +42,16 @@ started. The events, and their fields besides `t`:
     error             message
     draining          deadline_secs
     call_ended        outcome, seconds, dropped (reason -> count), stats (per processor)
+
+Barge-in latency counts from the later of the caller's speech onset and the bot becoming audible:
+a caller who was already talking when the bot began did not wait for the bot while talking before
+it, so timing from their own onset would blame the bridge for the model's choice to start.
 """
 
 import datetime
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from loguru import logger
 
@@ -40,15 +59,43 @@ from pipelines.metrics import Metrics
 from pipelines.records import CallRecord, record_dir
 
 
+@dataclass
+class _Decision:
+    """A BargeInFrame waiting for the `clear` it caused; times on the call's clock."""
+
+    at: float
+    onset: float
+    rule: str
+    speech_secs: float
+    audible_since: float | None  # the bot audible since, as the decision found it
+
+
 class CallLog:
-    def __init__(self, call, metrics: Metrics | None = None, records_dir: str | None = None, audio: bool = False):
+    def __init__(self, call, metrics: Metrics | None = None, records_dir: str | None = None, audio: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        """`clock`: seconds, monotonic; a test steps its own to check latencies exactly."""
         self.call_id = call.call_id or call.stream_id
-        self._t0 = time.monotonic()
+        self._clock = clock
+        self._t0 = clock()
         self._metrics = metrics
         self._record: CallRecord | None = None
-        self._onset: float | None = None  # last caller speech onset, for barge-in latency
         self._first_audio = False
-        self._text: list[str] = []
+        # caller speech and the floor, for barge-in latency
+        self._onset: float | None = None  # last VAD segment's onset
+        self._segment_open = False
+        self._turn_segments: int | None = None  # VAD segments in the open turn; None outside a turn
+        self._audible_since: float | None = None  # bot audible since (pacer's BotStarted)
+        self._decision: _Decision | None = None
+        self._last_clear: float | None = None
+        self._last_clear_decided = True
+        # the model's words, heard and muted
+        self._speaking = False  # inside a model utterance
+        self._context: str | None = None
+        self._cut = False  # the utterance was interrupted: its muted rest is still to come
+        self._text: list[str] = []  # the utterance's pieces so far, heard
+        self._held: dict | None = None  # an interrupted utterance's heard words, waiting for its muted ones
+        self._muted_since: float | None = None
+        self._muted_text: list[str] = []  # pieces seen while muted (the mute's `words` is preferred)
         self.outcome: str | None = None  # set by what decides it (drain, engine); the server fills the rest
         started = datetime.datetime.now(datetime.timezone.utc)
         if records_dir:
@@ -64,7 +111,7 @@ class CallLog:
         return self._record.path if self._record else None
 
     def now(self) -> float:
-        return time.monotonic() - self._t0
+        return self._clock() - self._t0
 
     def emit(self, event: str, t: float | None = None, **data) -> None:
         if self._record is None:
@@ -99,21 +146,101 @@ class CallLog:
             self._record.audio.bot(pcm, now)
 
     def cleared(self) -> None:
+        """The provider `clear` went out: a barge-in when one was decided or the caller is talking.
+
+        The decision is normally here first: its push wakes the observer's queue before the
+        InterruptionFrame it precedes has crossed a processor's queue to reach the output.
+        """
         now = self.now()
         if self._record and self._record.audio:
             self._record.audio.cut(now)
-        latency = None if self._onset is None else max(0.0, now - self._onset)
-        self.emit("barge_in", latency_ms=None if latency is None else round(latency * 1000))
+        if self._speaking:
+            self._cut = True
+        decision, self._decision = self._decision, None
+        self._last_clear, self._last_clear_decided = now, decision is not None
+        if decision is None and not self._segment_open:
+            self.emit("clear")
+            return
+        onset = decision.onset if decision else self._onset
+        audible_since = decision.audible_since if decision else self._audible_since
+        if onset is not None and audible_since is not None:
+            onset = max(onset, audible_since)
+        latency = None if onset is None else max(0.0, now - onset)
+        self.emit("barge_in", latency_ms=_ms(latency), onset=None if onset is None else round(onset, 3),
+                  rule=decision.rule if decision else None,
+                  speech_ms=_ms(decision.speech_secs) if decision else None,
+                  decision_ms=_ms(max(0.0, now - decision.at)) if decision else None)
         if self._metrics:
-            self._metrics.barge_ins.inc()
+            self._metrics.barge_ins.labels(decision.rule if decision else "unknown").inc()
             if latency is not None:
                 self._metrics.barge_in_latency.observe(latency)
+            if decision:
+                self._metrics.barge_in_decision.observe(max(0.0, now - decision.at))
 
     # ---- from the processors (via the observer) ------------------------------------------
 
     def user_started(self, onset: float) -> None:
-        self._onset = onset
+        self._onset, self._segment_open = onset, True
+        if self._turn_segments is not None:
+            self._turn_segments += 1
         self.emit("user_started", onset=round(onset, 3))
+
+    def user_stopped(self) -> None:
+        self._segment_open = False
+        self.emit("user_stopped")
+
+    def turn_started(self) -> None:
+        """The caller's turn; it opens with the VAD segment under way, whose onset it takes."""
+        self._turn_segments = 1 if self._segment_open else 0
+        onset = self._onset if self._segment_open else None
+        self.emit("turn_started", onset=None if onset is None else round(onset, 3))
+
+    def turn_ended(self) -> None:
+        self.emit("turn_ended", segments=self._turn_segments)
+        self._turn_segments = None
+
+    def bot_started(self, at: float) -> None:
+        """`at`: when the pacer pushed it (the observer runs a little behind)."""
+        self._audible_since = at
+        self.emit("bot_started")
+
+    def bot_stopped(self) -> None:
+        self._audible_since = None
+        self.emit("bot_stopped")
+
+    def barge_in_decided(self, at: float, rule: str, speech_secs: float, onset_secs_ago: float) -> None:
+        """A BargeInFrame pushed at `at`; its `clear` follows and writes the barge_in event."""
+        if self._last_clear is not None and not self._last_clear_decided and self._last_clear >= at:
+            # its clear was already written without it; pairing it with the next one would be wrong
+            logger.warning(f"call {self.call_id}: barge-in decision ({rule}) seen after its clear; not paired")
+            return
+        self._decision = _Decision(at=at, onset=at - max(0.0, onset_secs_ago), rule=rule, speech_secs=speech_secs,
+                                   audible_since=self._audible_since)
+        if self._speaking:
+            self._cut = True
+
+    def mute_started(self) -> None:
+        """bot_speech silences the interrupted model: what the utterance said so far is what was heard."""
+        self._muted_since = self.now()
+        if self._speaking:
+            self._cut = True
+        if self._cut:
+            self._hold()
+        self.emit("mute_started")
+
+    def mute_ended(self, secs: float, words: str) -> None:
+        """`words`: what bot_speech dropped. Pieces seen during the mute beyond those were heard:
+        the observer sees a piece when the model pushes it, bot_speech judges it a little later."""
+        muted, heard = _split_muted(self._muted_text, words)
+        self._muted_text.clear()
+        self._text[:0] = heard
+        self._muted_since = None
+        self.emit("mute_ended", secs=round(secs, 3), words=muted)
+        if self._metrics:
+            self._metrics.muted_seconds.inc(max(0.0, secs))
+        if not self._speaking:  # the cut utterance has stopped: its bot_text can go out whole
+            self._cut = False
+        self._release(muted)
 
     def holding(self, clip: str, secs: float) -> None:
         if self._metrics:
@@ -121,11 +248,20 @@ class CallLog:
         self.emit("holding", clip=clip, secs=round(secs, 3))
 
     def text(self, piece: str) -> None:
-        self._text.append(piece)
+        (self._text if self._muted_since is None else self._muted_text).append(piece)
 
-    def speech_stopped(self, context: str) -> None:
+    def speech_started(self, context: str | None) -> None:
+        self._release(_joined(self._muted_text))  # an earlier cut utterance whose mute never ended
+        self._speaking, self._context, self._cut = True, context, False
+        self.emit("speech_started", context=context)
+
+    def speech_stopped(self, context: str | None) -> None:
+        self._speaking = False
         self.emit("speech_stopped", context=context)
-        self._flush_text()
+        if self._cut or self._muted_since is not None:
+            self._hold()
+        else:
+            self._flush_text()
 
     def engine(self, event: str, data: dict) -> None:
         if event == "no_engine":
@@ -143,20 +279,49 @@ class CallLog:
         self.outcome = self.outcome or ("drained" if reason == DRAIN_REASON else "engine_failed")
         self.emit("apology", reason=reason)
 
+    # ---- the transcript ---------------------------------------------------------------------
+
     def _flush_text(self) -> None:
-        text = "".join(self._text).strip()
+        """An utterance heard whole."""
+        text = _joined(self._text)
         self._text.clear()
         if text:
-            self.emit("bot_text", text=text)
+            self.emit("bot_text", context=self._context, text=text, muted="")
             if self._record:
                 self._record.transcript(self.now(), text)
+
+    def _hold(self) -> None:
+        """The heard part of a cut utterance: on the transcript now, in bot_text once its muted rest is known."""
+        text = _joined(self._text)
+        self._text.clear()
+        if self._held is None:
+            self._held = {"context": self._context, "text": ""}
+        if text:
+            self._held["text"] = f"{self._held['text']} {text}".strip()
+            if self._record:
+                self._record.transcript(self.now(), text)
+
+    def _release(self, muted: str) -> None:
+        """The cut utterance's bot_text: heard words and muted words apart."""
+        held, self._held = self._held, None
+        if held is None and not muted:
+            return
+        held = held or {"context": self._context, "text": ""}
+        if held["text"] or muted:
+            self.emit("bot_text", context=held["context"], text=held["text"], muted=muted)
+        if muted and self._record:
+            self._record.transcript(self.now(), muted, muted=True)
 
     # ---- the end ----------------------------------------------------------------------------
 
     def end(self, outcome: str, dropped: dict, stats: dict) -> str:
         """Close the record; returns the outcome that counts (what was decided during the call wins)."""
         outcome = self.outcome or outcome
-        self._flush_text()
+        if self._cut or self._held is not None or self._muted_text:
+            self._hold()
+            self._release(_joined(self._muted_text))
+        else:
+            self._flush_text()
         self.emit("call_ended", outcome=outcome, seconds=round(self.now(), 3), dropped=dict(dropped), stats=stats)
         if self._metrics:
             self._metrics.calls.labels(outcome).inc()
@@ -166,6 +331,23 @@ class CallLog:
             except OSError as exc:
                 logger.error(f"call {self.call_id}: closing its record: {exc}")
         return outcome
+
+
+def _joined(pieces: list[str]) -> str:
+    return " ".join("".join(pieces).split())
+
+
+def _split_muted(pieces: list[str], words: str) -> tuple[str, list[str]]:
+    """(muted words, pieces heard after all): the dropped `words` are the first pieces seen while muted."""
+    target = "".join(words.split())
+    for k in range(len(pieces) + 1):
+        if "".join(_joined(pieces[:k]).split()) == target:
+            return _joined(pieces[:k]), pieces[k:]
+    return " ".join(words.split()), []  # words that do not line up with the pieces seen: trust the frame
+
+
+def _ms(secs: float | None) -> int | None:
+    return None if secs is None else round(secs * 1000)
 
 
 DRAIN_REASON = "the service is restarting"

@@ -2,7 +2,11 @@
 
 An observer sees every frame each time a processor pushes it, so the processors stay unaware of
 the record. Only a frame's first push counts. Frames that are broadcast both ways (the pacer's
-BotStarted/Stopped, VAD's) count downstream only. Errors, which travel upstream, count either way.
+BotStarted/Stopped, VAD's, the turn's) count downstream only. Errors, which travel upstream,
+count either way.
+
+Observers run from a queue, a little behind the pipeline. Where a time goes into a latency (the
+bot becoming audible, a barge-in decision), it is taken from the push's own pipeline-clock stamp.
 """
 
 import time
@@ -15,6 +19,8 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -22,9 +28,10 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 
 from pipelines.call_log import CallLog
-from processors.frames import HOLDING_CONTEXT, EngineEventFrame, EngineFailedFrame
+from processors.frames import HOLDING_CONTEXT, BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame
 
-_WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, BotStartedSpeakingFrame, BotStoppedSpeakingFrame,
+_WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
+            BotStartedSpeakingFrame, BotStoppedSpeakingFrame, BargeInFrame, ModelMuteFrame,
             TTSStartedFrame, TTSStoppedFrame, TTSAudioRawFrame, TTSTextFrame, EngineEventFrame, EngineFailedFrame, ErrorFrame)
 
 
@@ -47,18 +54,29 @@ class CallObserver(BaseObserver):
             waited = max(0.0, time.time() - frame.timestamp)
             log.user_started(log.now() - waited - frame.start_secs)
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            log.emit("user_stopped")
+            log.user_stopped()
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            log.turn_started()
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            log.turn_ended()
         elif isinstance(frame, BotStartedSpeakingFrame):
-            log.emit("bot_started")
+            log.bot_started(pushed_at(log, data))
         elif isinstance(frame, BotStoppedSpeakingFrame):
-            log.emit("bot_stopped")
+            log.bot_stopped()
+        elif isinstance(frame, BargeInFrame):
+            log.barge_in_decided(pushed_at(log, data), frame.rule, frame.speech_secs, frame.onset_secs_ago)
+        elif isinstance(frame, ModelMuteFrame):
+            if frame.muted:
+                log.mute_started()
+            else:
+                log.mute_ended(frame.secs, frame.words)
         elif isinstance(frame, TTSAudioRawFrame):
             context = frame.context_id or ""
             if context.startswith(HOLDING_CONTEXT):  # a clip is pushed whole, as one frame
                 log.holding(context[len(HOLDING_CONTEXT):], len(frame.audio) / 2 / frame.sample_rate)
         elif isinstance(frame, TTSStartedFrame):
             if not (frame.context_id or "").startswith(HOLDING_CONTEXT):
-                log.emit("speech_started", context=frame.context_id)
+                log.speech_started(frame.context_id)
         elif isinstance(frame, TTSStoppedFrame):
             if not (frame.context_id or "").startswith(HOLDING_CONTEXT):
                 log.speech_stopped(frame.context_id)
@@ -68,3 +86,13 @@ class CallObserver(BaseObserver):
             log.engine(frame.event, frame.data)
         elif isinstance(frame, EngineFailedFrame):
             log.apology(frame.reason)
+
+
+def pushed_at(log: CallLog, data: FramePushed) -> float:
+    """When the frame was pushed, on the call's clock: now, less how far the observer's queue lags."""
+    try:
+        clock_now = data.source.get_clock().get_time()
+    except Exception:  # pipecat raises a bare Exception for a processor not set up: no clock, no lag known
+        return log.now()
+    lag = (clock_now - data.timestamp) / 1e9 if clock_now and data.timestamp else 0.0
+    return log.now() - max(0.0, lag)

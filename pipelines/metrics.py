@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
+DECISION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+BARGE_IN_RULES = ("floor", "overlap", "unknown")  # unknown: a clear over caller speech with no BargeInFrame
 OUTCOMES = ("completed", "caller_gone", "engine_failed", "no_engine", "drained", "error")
 
 
@@ -21,7 +23,12 @@ class Metrics:
         self.calls = Counter("bridge_calls", "Finished calls by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.calls.labels(outcome)  # every outcome from 0, so rates work before the first one
-        self.barge_ins = Counter("bridge_barge_ins", "Caller talked over the bot: `clear` sent", registry=r)
+        self.barge_ins = Counter("bridge_barge_ins", "Caller took the floor from the bot: `clear` sent, by barge_in's rule",
+                                 ["rule"], registry=r)
+        for rule in BARGE_IN_RULES:
+            self.barge_ins.labels(rule)
+        self.muted_seconds = Counter("bridge_model_muted_seconds", "Model speech silenced after a barge-in (never heard)",
+                                     registry=r)
         self.holding_clips = Counter("bridge_holding_clips", "Holding clips played", ["clip"], registry=r)
         self.malformed = Counter("bridge_malformed_messages", "Provider messages dropped as malformed", ["reason"], registry=r)
         self.engine_failures = Counter("bridge_engine_failures", "Engines taken out of rotation", registry=r)
@@ -31,8 +38,10 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.first_audio = Histogram("bridge_first_audio_seconds", "Call start to the first bot audio sent",
                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.barge_in_latency = Histogram("bridge_barge_in_seconds", "Caller speech onset (VAD estimate) to the `clear`",
+        self.barge_in_latency = Histogram("bridge_barge_in_seconds", "Caller speech onset over audible bot audio to the `clear`",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.barge_in_decision = Histogram("bridge_barge_in_decision_seconds", "Barge-in decided to the `clear` sent",
+                                           buckets=DECISION_BUCKETS, registry=r)
         self.pool_size = Gauge("bridge_engines", "Engines configured", registry=r)
         self.pool_busy = Gauge("bridge_engines_busy", "Engines serving a call", registry=r)
         self.pool_down = Gauge("bridge_engines_down", "Engines out of rotation, being probed", registry=r)

@@ -4,7 +4,8 @@ A record is one directory per call, `DIR/<UTC start>-<call id>/`:
 
 - `events.jsonl`: one JSON object per line, `{"t": seconds since call start, "event": name, ...}`.
   The events are listed in `pipelines/call_log.py`. `python -m pipelines report` draws them.
-- `transcript.txt`: the bot's words, one line per model utterance.
+- `transcript.txt`: the bot's words, one line per model utterance. Words of a cut utterance the
+  caller never heard (said after the barge-in, silenced) get their own `bot [muted]:` line.
 - `audio.wav` (optional): stereo, caller left, bot right, at the call's rate.
 
 Every file is written as the call goes. A process killed with SIGKILL leaves every line written
@@ -49,8 +50,9 @@ class CallRecord:
     def event(self, line: dict) -> None:
         self._events.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
 
-    def transcript(self, t: float, text: str) -> None:
-        self._transcript.write(f"[{t:7.2f} s] bot: {text}\n")
+    def transcript(self, t: float, text: str, muted: bool = False) -> None:
+        """`muted`: words the model said that were silenced, never heard; marked so nobody reads them as said."""
+        self._transcript.write(f"[{t:7.2f} s] bot{' [muted]' if muted else ''}: {text}\n")
 
     def close(self) -> None:
         if self.audio:

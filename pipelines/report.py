@@ -1,7 +1,8 @@
 """`python -m pipelines report CALL_DIR`: one call's record as a timeline picture and a short summary.
 
-A call is judged by what the caller heard and when: who spoke, when the bot went quiet after a barge-in,
-where holding clips covered a slow engine. Those moments are scattered over `events.jsonl`; laid out
+A call is judged by what the caller heard and when: who spoke (turns, and the speech segments in
+them), when the bot went quiet after a barge-in and what the model said that nobody heard (muted
+spans), where holding clips covered a slow engine. Those moments are scattered over `events.jsonl`; laid out
 on one time axis (with the recording's envelopes above, when there is one) they can be read at a glance.
 Records of killed calls are read as far as they go: a torn last line is counted, not fatal, and an
 interval still open closes at the last thing the record saw.
@@ -14,14 +15,19 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-CUTS_CLIP = ("barge_in", "speech_started", "holding")  # a `clear`, the model taking over (fade), the next clip
-LANES = ("caller speech", "bot audible", "model speech", "holding clips")  # top to bottom
-PAIRS = {  # lane: (opening event, closing event)
+CUTS_CLIP = ("barge_in", "clear", "speech_started", "holding")  # a `clear`, the model taking over (fade), the next clip
+LANES = ("caller turns", "caller speech", "bot audible", "model speech", "holding clips")  # top to bottom
+PAIRS = {  # lane or band: (opening event, closing event); an opening event's `onset`, when given, is its start
+    "caller turns": ("turn_started", "turn_ended"),
     "caller speech": ("user_started", "user_stopped"),
     "bot audible": ("bot_started", "bot_stopped"),
     "model speech": ("speech_started", "speech_stopped"),
+    "model muted": ("mute_started", "mute_ended"),
 }
-LANE_COLORS = {"caller speech": "tab:blue", "bot audible": "tab:orange", "model speech": "tab:green", "holding clips": "tab:purple"}
+BANDS = {"model muted": "model speech"}  # drawn over a lane's row rather than on their own
+LANE_COLORS = {"caller turns": "tab:cyan", "caller speech": "tab:blue", "bot audible": "tab:orange",
+               "model speech": "tab:green", "holding clips": "tab:purple", "model muted": "tab:red"}
+MUTED_LABEL = "model muted (never heard)"
 ENVELOPE_SECS = 0.02
 ENVELOPE_FLOOR_DB = -70.0
 CUT_OFF = "unknown (no call_ended: the record was cut off)"
@@ -37,9 +43,15 @@ def _ms(value) -> str | None:
     return None if n is None else f"{n:.0f} ms"
 
 
+def _barge_in_note(e: dict) -> str | None:
+    parts = [p for p in (_ms(e.get("latency_ms")), e.get("rule")) if p]
+    return " ".join(str(p) for p in parts) or None
+
+
 # Vertical markers: event -> (legend label, colour, line style, annotation or None).
 MARKERS = {
-    "barge_in": ("barge-in", "tab:red", "-", lambda e: _ms(e.get("latency_ms"))),
+    "barge_in": ("barge-in", "tab:red", "-", _barge_in_note),
+    "clear": ("clear (no barge-in)", "tab:pink", "--", lambda e: None),
     "first_audio": ("first audio", "tab:green", "-", lambda e: _ms(e.get("ms"))),
     "engine_ready": ("engine ready", "tab:blue", "--", lambda e: _ms(e.get("handshake_ms"))),
     "engine_failed": ("engine failed", "black", "-", lambda e: None),
@@ -90,16 +102,16 @@ def call_end(events: list[dict]) -> float:
 
 
 def intervals(events: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
-    """Each lane's (start, end, label) intervals; one still open closes at the call's end."""
+    """Each lane's and band's (start, end, label) intervals; one still open closes at the call's end."""
     end = call_end(events)
-    lanes: dict[str, list[tuple[float, float, str]]] = {lane: [] for lane in LANES}
+    lanes: dict[str, list[tuple[float, float, str]]] = {lane: [] for lane in (*LANES, *BANDS)}
     openers = {opening: lane for lane, (opening, _) in PAIRS.items()}
     closers = {closing: lane for lane, (_, closing) in PAIRS.items()}
     opened: dict[str, float] = {}
     for e in events:
         name, t = e["event"], e["t"]
         if name in openers and openers[name] not in opened:  # a repeated start extends the open interval
-            onset = _num(e.get("onset")) if name == "user_started" else None
+            onset = _num(e.get("onset"))
             opened[openers[name]] = t if onset is None else onset
         elif name in closers and closers[name] in opened:  # a stop with nothing open is ignored
             lane = closers[name]
@@ -113,6 +125,23 @@ def intervals(events: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
     for lane, start in opened.items():
         lanes[lane].append((start, max(end, start), ""))
     return lanes
+
+
+def mutes(events: list[dict]) -> list[dict]:
+    """Each muted span: start, end, secs (model audio dropped; the span's length if it never ended), words."""
+    end = call_end(events)
+    spans, opened = [], None
+    for e in events:
+        if e["event"] == "mute_started" and opened is None:
+            opened = e["t"]
+        elif e["event"] == "mute_ended" and opened is not None:
+            secs = _num(e.get("secs"))
+            words = e.get("words") if isinstance(e.get("words"), str) else ""
+            spans.append({"start": opened, "end": e["t"], "secs": e["t"] - opened if secs is None else secs, "words": words})
+            opened = None
+    if opened is not None:
+        spans.append({"start": opened, "end": max(end, opened), "secs": max(end, opened) - opened, "words": ""})
+    return spans
 
 
 def _malformed_total(events: list[dict]) -> int:
@@ -137,7 +166,11 @@ def summarize(events: list[dict], unreadable: int = 0) -> dict:
     started = _first(events, "call_started") or {}
     ended = _last(events, "call_ended")
     lanes = intervals(events)
-    latencies = [n for e in events if e["event"] == "barge_in" and (n := _num(e.get("latency_ms"))) is not None]
+    barge_ins = [e for e in events if e["event"] == "barge_in"]
+    latencies = [n for e in barge_ins if (n := _num(e.get("latency_ms"))) is not None]
+    decisions = [n for e in barge_ins if (n := _num(e.get("decision_ms"))) is not None]
+    turns_recorded = any(e["event"] in ("turn_started", "turn_ended") for e in events)
+    muted = mutes(events)
     acquired, ready = _last(events, "engine_acquired") or {}, _last(events, "engine_ready") or {}
     first_audio = _first(events, "first_audio") or {}
     seconds = _num(ended.get("seconds")) if ended else None
@@ -147,11 +180,18 @@ def summarize(events: list[dict], unreadable: int = 0) -> dict:
         "started_at": started.get("started_at"),
         "outcome": str(ended.get("outcome", "unknown")) if ended else CUT_OFF,
         "duration_s": seconds if seconds is not None else call_end(events),
-        "caller_turns": len(lanes["caller speech"]),
+        "caller_turns": len(lanes["caller turns"]) if turns_recorded else None,  # None: a record from before turns
+        "caller_segments": len(lanes["caller speech"]),
         "bot_turns": len(lanes["model speech"]),
-        "barge_ins": sum(e["event"] == "barge_in" for e in events),
+        "barge_ins": len(barge_ins),
         "barge_in_p50_ms": statistics.median(latencies) if latencies else None,
         "barge_in_max_ms": max(latencies) if latencies else None,
+        "barge_in_rules": dict(Counter(str(e.get("rule") or "unknown") for e in barge_ins)),
+        "barge_in_decision_p50_ms": statistics.median(decisions) if decisions else None,
+        "clears_without_barge_in": sum(e["event"] == "clear" for e in events),
+        "muted_spans": len(muted),
+        "muted_s": sum(m["secs"] for m in muted),
+        "muted_words": sum(len(m["words"].split()) for m in muted),
         "holding": dict(Counter(label for _, _, label in lanes["holding clips"])),
         "first_audio_ms": _num(first_audio.get("ms")),
         "engine_url": ready.get("url") or acquired.get("url"),
@@ -172,8 +212,22 @@ def format_summary(summary: dict) -> str:
     """The summary as aligned `key: value` lines."""
     s = summary
     barge = f"{s['barge_ins']}"
+    details = []
     if s["barge_in_p50_ms"] is not None:
-        barge += f" (p50 {_fmt_ms(s['barge_in_p50_ms'])}, max {_fmt_ms(s['barge_in_max_ms'])})"
+        details.append(f"p50 {_fmt_ms(s['barge_in_p50_ms'])}, max {_fmt_ms(s['barge_in_max_ms'])} from onset over the bot")
+    if s["barge_in_rules"]:
+        details.append(", ".join(f"{rule} x{n}" for rule, n in sorted(s["barge_in_rules"].items())))
+    if s["barge_in_decision_p50_ms"] is not None:
+        details.append(f"decision to clear p50 {_fmt_ms(s['barge_in_decision_p50_ms'])}")
+    if details:
+        barge += f" ({'; '.join(details)})"
+    if s["clears_without_barge_in"]:
+        barge += f", {s['clears_without_barge_in']} other clears"
+    turns = f"{s['caller_segments']} speech segments"
+    turns = f"{s['caller_turns']} ({turns})" if s["caller_turns"] is not None else f"- (not recorded; {turns})"
+    muted = "-"
+    if s["muted_spans"]:
+        muted = f"{s['muted_s']:.1f} s in {s['muted_spans']} spans, {s['muted_words']} words never heard"
     engine = "-"
     if s["engine_url"]:
         engine = f"{s['engine_url']} (handshake {_fmt_ms(s['engine_handshake_ms'])}, waited {_fmt_ms(s['engine_wait_ms'])})"
@@ -182,9 +236,10 @@ def format_summary(summary: dict) -> str:
         ("call", f"{s['call_id'] or '?'} ({s['provider'] or '?'})" + (f", started {s['started_at']}" if s["started_at"] else "")),
         ("outcome", s["outcome"]),
         ("duration", f"{s['duration_s']:.1f} s"),
-        ("caller turns", str(s["caller_turns"])),
+        ("caller turns", turns),
         ("bot turns", str(s["bot_turns"])),
         ("barge-ins", barge),
+        ("model muted", muted),
         ("holding clips", ", ".join(f"{name} x{n}" for name, n in s["holding"].items()) or "-"),
         ("first audio", _fmt_ms(s["first_audio_ms"])),
         ("engine", engine),
@@ -220,16 +275,28 @@ def _title(summary: dict) -> str:
     return f"call {summary['call_id'] or '?'}  |  {summary['provider'] or '?'}  |  {outcome}  |  {summary['duration_s']:.1f} s"
 
 
-def _draw_lanes(ax, events: list[dict]) -> None:
-    for row, (lane, spans) in enumerate(intervals(events).items()):
-        y = len(LANES) - 1 - row
+def _draw_lanes(ax, events: list[dict]) -> list:
+    """The lanes, then the bands over their rows; returns legend handles for the bands drawn."""
+    from matplotlib.patches import Patch
+
+    spans_of = intervals(events)
+    row_y = {lane: len(LANES) - 1 - row for row, lane in enumerate(LANES)}
+    for lane in LANES:
+        y, spans = row_y[lane], spans_of[lane]
         ax.broken_barh([(start, end - start) for start, end, _ in spans], (y - 0.35, 0.7), color=LANE_COLORS[lane], alpha=0.8)
         for start, end, label in spans:
             if label:
                 ax.text((start + end) / 2, y, label, ha="center", va="center", fontsize=7, color="white", clip_on=True)
+    handles = []
+    for band, lane in BANDS.items():
+        if spans_of[band]:
+            style = {"facecolor": LANE_COLORS[band], "alpha": 0.35, "hatch": "////", "edgecolor": LANE_COLORS[band]}
+            ax.broken_barh([(start, end - start) for start, end, _ in spans_of[band]], (row_y[lane] - 0.45, 0.9), **style)
+            handles.append(Patch(label=MUTED_LABEL if band == "model muted" else band, **style))
     ax.set_yticks(range(len(LANES)), list(reversed(LANES)))
     ax.set_ylim(-0.6, len(LANES) + 0.6)  # the top row is room for the markers' annotations
     ax.grid(axis="x", alpha=0.3)
+    return handles
 
 
 def _draw_markers(ax, events: list[dict]) -> list:
@@ -262,8 +329,8 @@ def _draw_envelopes(ax, times, levels) -> None:
     ax.grid(alpha=0.3)
 
 
-def render(events: list[dict], out_path, wav_path=None) -> None:
-    """Write the timeline PNG; with `wav_path`, its channels' envelopes go on an axis above."""
+def render(events: list[dict], out_path, wav_path=None):
+    """Write the timeline PNG; with `wav_path`, its channels' envelopes go on an axis above. Returns the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -275,8 +342,7 @@ def render(events: list[dict], out_path, wav_path=None) -> None:
         _draw_envelopes(top, audio[0], audio[1])
     else:
         ax = fig.subplots()
-    _draw_lanes(ax, events)
-    handles = _draw_markers(ax, events)
+    handles = _draw_lanes(ax, events) + _draw_markers(ax, events)
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8, frameon=False)
     end = max(call_end(events), audio[2] if audio else 0.0)
@@ -284,6 +350,7 @@ def render(events: list[dict], out_path, wav_path=None) -> None:
     ax.set_xlabel("seconds since call start")
     fig.suptitle(_title(summarize(events)), fontsize=11)
     fig.savefig(str(out_path), dpi=100)
+    return fig
 
 
 # ---- command line ---------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 import soundfile
 from matplotlib.image import imread
 
-from pipelines.report import CUT_OFF, format_summary, intervals, load_events, main, render, summarize
+from pipelines.report import CUT_OFF, MUTED_LABEL, format_summary, intervals, load_events, main, mutes, render, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,6 +65,41 @@ ENDED_CALL = [
 ]
 
 
+# The floor-aware core: turns around speech segments, barge-ins with their rule and decision time,
+# the model muted after each (the second mute still open at the end), a clear with no barge-in (drain).
+FLOOR_CALL = [
+    {"t": 0.0, "event": "call_started", "call_id": "CA3", "provider": "exotel", "sample_rate": 8000,
+     "custom_parameters": {}, "started_at": "2025-01-02T03:04:05Z"},
+    {"t": 1.0, "event": "user_started", "onset": 0.8},
+    {"t": 1.05, "event": "turn_started", "onset": 0.8},
+    {"t": 1.6, "event": "user_stopped"},
+    {"t": 1.9, "event": "user_started", "onset": 1.7},
+    {"t": 2.0, "event": "speech_started", "context": "bot-1"},
+    {"t": 2.0, "event": "bot_started"},
+    {"t": 2.5, "event": "barge_in", "latency_ms": 503, "onset": 2.0, "rule": "overlap", "speech_ms": 450, "decision_ms": 3},
+    {"t": 2.5, "event": "speech_stopped", "context": "bot-1"},
+    {"t": 2.5, "event": "mute_started"},
+    {"t": 2.51, "event": "bot_stopped"},
+    {"t": 2.9, "event": "user_stopped"},
+    {"t": 3.6, "event": "turn_ended", "segments": 2},
+    {"t": 3.7, "event": "mute_ended", "secs": 1.1, "words": "at nine tomorrow"},
+    {"t": 3.7, "event": "bot_text", "context": "bot-1", "text": "Sure,", "muted": "at nine tomorrow"},
+    {"t": 4.0, "event": "speech_started", "context": "bot-2"},
+    {"t": 4.0, "event": "bot_started"},
+    {"t": 4.6, "event": "user_started", "onset": 4.4},
+    {"t": 4.62, "event": "turn_started", "onset": 4.4},
+    {"t": 4.81, "event": "barge_in", "latency_ms": 410, "onset": 4.4, "rule": "floor", "speech_ms": 400, "decision_ms": 10},
+    {"t": 4.81, "event": "speech_stopped", "context": "bot-2"},
+    {"t": 4.81, "event": "mute_started"},
+    {"t": 4.82, "event": "bot_stopped"},
+    {"t": 5.5, "event": "draining", "deadline_secs": 1},
+    {"t": 6.0, "event": "bot_started"},
+    {"t": 6.5, "event": "clear"},
+    {"t": 6.5, "event": "bot_stopped"},
+    {"t": 7.0, "event": "call_ended", "outcome": "drained", "seconds": 7.0, "dropped": {}},
+]
+
+
 def write_record(directory, events, tail: str = "") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(e) + "\n" for e in events)
@@ -113,7 +149,8 @@ def test_summarize_a_killed_call():
     assert s["call_id"] == "CA1" and s["provider"] == "exotel"
     assert s["outcome"] == CUT_OFF
     assert s["duration_s"] == 8.0
-    assert s["caller_turns"] == 3
+    assert s["caller_turns"] is None and s["caller_segments"] == 3  # a record from before turns were recorded
+    assert s["barge_in_rules"] == {"unknown": 2} and s["muted_spans"] == 0
     assert s["bot_turns"] == 3
     assert s["barge_ins"] == 2
     assert s["barge_in_p50_ms"] == 160.0 and s["barge_in_max_ms"] == 220.0
@@ -127,6 +164,7 @@ def test_summarize_a_killed_call():
     text = format_summary(s)
     assert "cut off" in text and "1 unreadable lines" in text and "p50 160 ms, max 220 ms" in text
     assert "greeting x1, one_moment x1" in text and "ws://gpu-b:8998: handshake timeout" in text
+    assert "- (not recorded; 3 speech segments)" in text
 
 
 def test_summarize_an_ended_call():
@@ -197,3 +235,36 @@ def test_a_holding_clip_ends_where_something_cut_it():
               {"t": 9.0, "event": "holding", "clip": "apology", "secs": 5.7},
               {"t": 12.0, "event": "call_ended", "outcome": "engine_failed", "seconds": 12.0}]
     assert intervals(events)["holding clips"] == [(0.1, 1.9, "greeting"), (5.0, 5.5, "one_moment"), (9.0, 12.0, "apology")]
+
+
+def test_turns_and_muted_spans_have_their_intervals():
+    lanes = intervals(FLOOR_CALL)
+    assert lanes["caller turns"] == [(0.8, 3.6, ""), (4.4, 7.0, "")]  # from their onsets; the second never ended
+    assert lanes["caller speech"] == [(0.8, 1.6, ""), (1.7, 2.9, ""), (4.4, 7.0, "")]
+    assert lanes["model muted"] == [(2.5, 3.7, ""), (4.81, 7.0, "")]
+    assert mutes(FLOOR_CALL) == [{"start": 2.5, "end": 3.7, "secs": 1.1, "words": "at nine tomorrow"},
+                                 {"start": 4.81, "end": 7.0, "secs": pytest.approx(2.19), "words": ""}]
+
+
+def test_summarize_barge_ins_turns_and_muted_speech():
+    s = summarize(FLOOR_CALL)
+    assert (s["caller_turns"], s["caller_segments"], s["bot_turns"]) == (2, 3, 2)
+    assert s["barge_ins"] == 2 and s["clears_without_barge_in"] == 1
+    assert (s["barge_in_p50_ms"], s["barge_in_max_ms"], s["barge_in_decision_p50_ms"]) == (456.5, 503, 6.5)
+    assert s["barge_in_rules"] == {"overlap": 1, "floor": 1}
+    assert s["muted_spans"] == 2 and s["muted_s"] == pytest.approx(3.29) and s["muted_words"] == 3
+    text = format_summary(s)
+    assert "caller turns:    2 (3 speech segments)" in text
+    assert ("barge-ins:       2 (p50 456 ms, max 503 ms from onset over the bot; floor x1, overlap x1; "
+            "decision to clear p50 6 ms), 1 other clears") in text
+    assert "model muted:     3.3 s in 2 spans, 3 words never heard" in text
+
+
+def test_the_timeline_shows_turns_and_muted_spans(tmp_path):
+    out = tmp_path / "floor.png"
+    fig = render(FLOOR_CALL, out)
+    assert_png(out)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["holding clips", "model speech", "bot audible", "caller speech", "caller turns"]
+    assert MUTED_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "410 ms floor" in [t.get_text() for t in ax.texts]
