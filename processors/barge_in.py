@@ -6,8 +6,9 @@ cut the bot; what counts is who holds the floor:
 
 - **floor**: caller speech that *starts* while bot audio is audible at the provider (the pacer's
   BotStarted/StoppedSpeaking, which follow the provider's mark echoes) interrupts once the caller
-  has talked `min_speech_secs`, counted from the speech onset. Shorter speech ("uh-huh", "okay")
-  is a backchannel and leaves the bot alone.
+  has talked `min_speech_secs`, counted from the speech onset over the rest of the caller's turn
+  ("Wait, ... stop" is two short segments of one turn). A turn with less ("uh-huh", "okay") is a
+  backchannel and leaves the bot alone.
 - **overlap**: when the bot starts over a caller whose turn is still going on, that is the
   model's choice and its audio goes through, unless the caller keeps talking over it for
   `overlap_secs` of speech: then they are taking the floor back.
@@ -63,6 +64,7 @@ class BargeInProcessor(FrameProcessor):
         self._call_secs = 0.0
         self._bot_audible = False
         self._in_turn = False  # the caller's turn (turn processor), not one speech segment
+        self._turns_seen = False
         self._voiced = False
         self._rule: str | None = None  # what the current speech is counted for: "floor", "overlap" or None
         self._speech_secs = 0.0  # caller speech counted for the rule
@@ -80,27 +82,32 @@ class BargeInProcessor(FrameProcessor):
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             await self._speech_started(frame.start_secs)
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            if self._rule == "floor":
-                self.stats["backchannels"] += self._bot_audible
-                self._rule = None
+            if not self._turns_seen:  # no turn processor in front: a segment is all we know of a turn
+                self._turn_ended()
         elif isinstance(frame, UserStartedSpeakingFrame):
-            self._in_turn = True
+            self._in_turn = self._turns_seen = True
         elif isinstance(frame, UserStoppedSpeakingFrame):
             self._in_turn = False
-            if self._rule == "overlap":
-                self._rule = None
+            self._turn_ended()
         elif isinstance(frame, BotStartedSpeakingFrame):  # from the pacer, downstream of us: it comes upstream
             self._bot_started()
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_audible = False
-            self._rule = None
+            self._rule = None  # the bot went quiet by itself: nothing left to take
         elif isinstance(frame, StartFrame):
             self._call_secs = 0.0
         await self.push_frame(frame, direction)
 
+    def _turn_ended(self):
+        if self._rule == "floor":
+            self.stats["backchannels"] += 1
+        self._rule = None
+
     async def _speech_started(self, start_secs: float):
         """A speech segment: over the audible bot, and not inside an overlap, it may be taking the floor."""
         if not self._bot_audible or self._rule == "overlap" or self._params.half_duplex:
+            return
+        if self._rule == "floor":  # the turn's next segment: its voiced windows are being counted already
             return
         if self._call_secs < self._params.start_mute_secs:
             self.stats["muted_at_start"] += 1

@@ -53,26 +53,31 @@ async def test_a_signed_twilio_call_hears_its_echo_gets_its_persona_and_marks_ro
     assert rms(result.heard[int(onset * RATE):]) > 300
 
 
-async def test_talking_over_the_bot_on_twilio_sends_one_clear_and_then_only_silence(tmp_path):
-    sentence = read_wav(FIXTURES / "question_16k.wav", 24000)[4800:-4800]
-    bot = tmp_path / "bot.wav"
-    write_wav(bot, np.tile(sentence, 2), 24000)
-    cfg = deployment(tmp_path, mode="script", handshake_delay=0.5, script=[{"at": 0.5, "wav": str(bot), "text": "I would like"}])
-    said, _ = fixture_wav("interrupt_8k")
-    speak_at = 3.0
-    audio = np.concatenate([np.zeros(round(speak_at * RATE), np.int16), said])
+async def test_talking_over_the_answer_on_twilio_clears_it_then_silence_until_the_new_turn_is_answered(tmp_path):
+    """The caller asks over the greeting (it is cut: the first `clear`), the conversing reference engine
+    answers once the question ends, the caller talks over the answer: a second `clear`, nothing of the
+    interrupted answer after it, and the interruption itself is answered once it ends."""
+    cfg = deployment(tmp_path, mode="converse", handshake_delay=0.5)
+    question, _ = fixture_wav("question_8k")
+    interrupt, _ = fixture_wav("interrupt_8k")
+    ask_at, cut_at = 1.5, 6.2  # the answer runs from ~5.4 s for ~3 s
+    audio = np.zeros(round(12.0 * RATE), np.int16)
+    audio[round(ask_at * RATE) : round(ask_at * RATE) + len(question)] = question
+    audio[round(cut_at * RATE) : round(cut_at * RATE) + len(interrupt)] = interrupt
     port = free_port()
     with launched(run_command(cfg, port), port):
-        result = await place_call(f"ws://127.0.0.1:{port}/twilio", audio, RATE, provider="twilio", seconds=7.0)
+        result = await place_call(f"ws://127.0.0.1:{port}/twilio", audio, RATE, provider="twilio", seconds=12.0)
         call = await finished_call(port)
-    onset = speak_at + energy_onset(said, RATE) * 0.02
-    clears = [t for t, m in result.messages if m["event"] == "clear"]
-    assert len(clears) == 1 and clears[0] > onset
-    assert max(rms(p) for t, p in mulaw_media(result) if t < onset) > 1000
-    after = [rms(p) for t, p in mulaw_media(result) if t > clears[0]]
+    onset = cut_at + energy_onset(interrupt, RATE) * 0.02
+    interrupt_ends = cut_at + len(interrupt) / RATE - 0.2  # the fixture's 0.2 s tail pad
+    greeting_cut, clear = [t for t, m in result.messages if m["event"] == "clear"]
+    assert ask_at + 0.4 < greeting_cut < ask_at + 1.2 and onset + 0.4 < clear < onset + 1.2
+    assert max(rms(p) for t, p in mulaw_media(result) if ask_at + 3.1 < t < onset) > 1000  # the answer was playing
+    after = [round(rms(p)) for t, p in mulaw_media(result) if clear < t < interrupt_ends + 0.5]
     assert after and max(after) < SILENT_RMS  # μ-law of digital silence decodes to silence
+    assert max(rms(p) for t, p in mulaw_media(result) if t > interrupt_ends + 0.5) > 1000  # the new turn is answered
     assert result.violations == []
-    assert call["barge_in"]["interruptions"] == 1
+    assert call["barge_in"]["interruptions"] == 2 and call["turn"]["turns"] == 2
 
 
 async def test_an_unsigned_upgrade_is_refused_with_403_before_any_pipeline(tmp_path):

@@ -165,6 +165,28 @@ async def test_a_backchannel_over_the_bot_does_not_cut_it():
     assert down == sent_downstream(frames)
 
 
+async def test_short_segments_of_one_turn_add_up_to_taking_the_floor():
+    """ "Wait, ... stop, ..." is two 0.3 s segments of one turn: together they take the floor."""
+    frames = quiet(1.2) + bot_starts() + talk(0.3, turn="start") + talk(0.3) + quiet(0.5) + [UserStoppedSpeakingFrame()] + bot_stops()
+    barge_in, down, _ = await run(BargeInParams(min_speech_secs=0.4), frames)
+    [decision] = barge_ins(down)
+    assert decision.rule == "floor" and 0.4 <= decision.speech_secs < 0.42
+    assert decision.onset_secs_ago == pytest.approx(0.6, abs=0.021)  # from the first segment's onset: 0.3 + 0.2 + 0.1
+    assert barge_in.stats["backchannels"] == 0
+
+
+async def test_two_backchannels_in_two_turns_do_not_add_up():
+    frames = quiet(1.2) + bot_starts() + talk(0.3, turn="start end") + talk(0.3, turn="start end") + bot_stops()
+    barge_in, down, _ = await run(BargeInParams(min_speech_secs=0.4), frames)
+    assert count(down, InterruptionFrame) == 0 and barge_in.stats["backchannels"] == 2
+
+
+async def test_without_a_turn_processor_a_segment_is_the_turn():
+    frames = quiet(1.2) + bot_starts() + talk(0.3) + talk(0.3) + bot_stops()
+    barge_in, down, _ = await run(BargeInParams(min_speech_secs=0.4), frames)
+    assert count(down, InterruptionFrame) == 0 and barge_in.stats["backchannels"] == 2
+
+
 async def test_only_voiced_audio_counts_not_the_vad_hangover_or_a_pause():
     # 0.3 s "uh-huh", a 0.15 s gap inside the segment, 0.05 s more: 0.35 s voiced in a 0.7 s segment
     frames = quiet(1.2) + bot_starts() + voiced(0.1)
