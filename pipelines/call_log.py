@@ -31,7 +31,8 @@ started. The events, and their fields besides `t`:
     clear             a `clear` with no barge-in behind it (no decision, caller not talking: drain,
                       engine failure)
     mute_started      bot_speech starts silencing the interrupted model
-    mute_ended        secs (model audio dropped), words (the model's words in it, never heard)
+    mute_ended        secs (model audio dropped), words (the model's words in it, never heard),
+                      speech_secs (how far into the mute the model was still speaking)
     engine_waiting    busy: every engine is serving a call; the call queues
     engine_acquired   url, wait_ms
     engine_ready      url, handshake_ms
@@ -228,14 +229,14 @@ class CallLog:
             self._hold()
         self.emit("mute_started")
 
-    def mute_ended(self, secs: float, words: str) -> None:
+    def mute_ended(self, secs: float, words: str, speech_secs: float = 0.0) -> None:
         """`words`: what bot_speech dropped. Pieces seen during the mute beyond those were heard:
         the observer sees a piece when the model pushes it, bot_speech judges it a little later."""
         muted, heard = _split_muted(self._muted_text, words)
         self._muted_text.clear()
         self._text[:0] = heard
         self._muted_since = None
-        self.emit("mute_ended", secs=round(secs, 3), words=muted)
+        self.emit("mute_ended", secs=round(secs, 3), words=muted, speech_secs=round(speech_secs, 3))
         if self._metrics:
             self._metrics.muted_seconds.inc(max(0.0, secs))
         if not self._speaking:  # the cut utterance has stopped: its bot_text can go out whole

@@ -69,7 +69,7 @@ class CallObserver(BaseObserver):
             if frame.muted:
                 log.mute_started()
             else:
-                log.mute_ended(frame.secs, frame.words)
+                log.mute_ended(frame.secs, frame.words, frame.speech_secs)
         elif isinstance(frame, TTSAudioRawFrame):
             context = frame.context_id or ""
             if context.startswith(HOLDING_CONTEXT):  # a clip is pushed whole, as one frame

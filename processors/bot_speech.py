@@ -53,6 +53,7 @@ class BotSpeechProcessor(FrameProcessor):
         self._speaking = False  # inside an utterance
         self._muted = False  # silencing what the model said before it heard a barge-in
         self._muted_secs = 0.0  # model audio silenced in this mute
+        self._muted_speech = 0.0  # where in it the model's audio was last loud
         self._muted_words: list[str] = []
         self._quiet = 0.0  # seconds since the last speech window or text piece
         self._count = 0
@@ -95,14 +96,14 @@ class BotSpeechProcessor(FrameProcessor):
             self._speaking = False
             await self.push_frame(TTSStoppedFrame(context_id=self._context))
         if not self._muted and self._params.mute_secs > 0:
-            self._muted, self._muted_secs, self._quiet = True, 0.0, 0.0
+            self._muted, self._muted_secs, self._muted_speech, self._quiet = True, 0.0, 0.0, 0.0
             self.stats["mutes"] += 1
             await self.push_frame(ModelMuteFrame(muted=True))
 
     def _unmute(self) -> ModelMuteFrame:
         self._muted = False
         words, self._muted_words = "".join(self._muted_words).strip(), []
-        return ModelMuteFrame(muted=False, secs=round(self._muted_secs, 3), words=words)
+        return ModelMuteFrame(muted=False, secs=round(self._muted_secs, 3), words=words, speech_secs=round(self._muted_speech, 3))
 
     async def _audio(self, frame: OutputAudioRawFrame):
         before: list[Frame] = []
@@ -111,6 +112,8 @@ class BotSpeechProcessor(FrameProcessor):
             if self._muted:
                 muted += size
                 self._muted_secs += secs
+                if loud:
+                    self._muted_speech = self._muted_secs
                 self.stats["muted_secs"] += secs
                 if self._muted_secs >= self._params.mute_secs - 1e-9:
                     before.append(self._unmute())

@@ -44,12 +44,14 @@ class ModelMuteFrame(SystemFrame):
     """bot_speech began (muted=True) or ended (muted=False) silencing the model after a barge-in.
 
     The end frame carries what was dropped: `secs` of model audio and the model's `words` (text
-    pieces) in that span, which the caller never heard.
+    pieces) in that span, which the caller never heard, and `speech_secs`: how far into the mute the
+    model was still speaking (a model that yields stops well inside it; `mute_secs` is sized by it).
     """
 
     muted: bool = False
     secs: float = 0.0
     words: str = ""
+    speech_secs: float = 0.0
 
 
 @dataclass

@@ -206,7 +206,7 @@ async def test_interruption_mid_utterance_mutes_a_bounded_span_then_the_model_is
     assert all(type(f) is SpeechOutputAudioRawFrame for f in out[len(head) : len(head) + 6])
     assert [f.audio for f in out[len(head) + 6 :]] == [f.audio for f in (rest + frames_of(silence(1.0)))[6:]]
     [end] = [f for f in down if isinstance(f, ModelMuteFrame) and not f.muted]
-    assert end.secs == pytest.approx(0.48) and end.words == "my order"
+    assert end.secs == pytest.approx(0.48) and end.words == "my order" and end.speech_secs == pytest.approx(0.48)
     assert audio_before(down, end) == len(head) + 5  # ends with the sixth muted frame, before it goes out
     # the muted words are dropped; what the model says after the mute is heard, as a new utterance
     assert [f.text for f in down if isinstance(f, TTSTextFrame)] == ["status"]
@@ -224,6 +224,7 @@ async def test_a_model_that_yields_is_heard_when_it_answers():
     assert [c for _, c in brackets(down)] == ["bot-1", "bot-1", "bot-2", "bot-2"]
     assert [f.audio for f in audio_of(down)[len(head) :]] == [f.audio for f in after]  # the answer is whole
     assert [f.words for f in down if isinstance(f, ModelMuteFrame)] == ["", ""]
+    assert [f.speech_secs for f in down if isinstance(f, ModelMuteFrame)] == [0.0, 0.0]  # it had stopped
 
 
 async def test_interruption_while_quiet_mutes_only_silence():
