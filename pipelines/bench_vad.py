@@ -1,4 +1,5 @@
-"""`python -m pipelines bench vad`: onset confirmation of pipecat's VAD defaults vs ours, and CPU per window.
+"""`python -m pipelines bench vad`: onset confirmation of pipecat's VAD defaults vs ours, CPU per window, and
+how long backchannels and interruptions are voiced (what barge-in's min_speech_secs must separate).
 
 Latency is counted in audio, not wall time: 20 ms frames fed after the fixture's energy onset until the
 analyzer reports SPEAKING; the same analyzer code VADProcessor runs, without the pipeline around it.
@@ -52,6 +53,8 @@ def bench_vad(args) -> int:
             cells = [onset_ms(scaled, rate, settings[k]) for k in ("pipecat", "ours")]
             print(f"{name:<15}{db:>9.0f}" + "".join(f"{'never' if c is None else f'{c:.0f}':>{w}}" for c, w in zip(cells, (12, 9))))
 
+    print_voiced(settings["ours"])
+
     print(f"\n{'rate':>6}{'us/window':>11}{'window ms':>11}{'% of a core':>13}")
     for rate in (8000, 16000):
         analyzer = SileroVADAnalyzer(params=settings["ours"])
@@ -66,6 +69,31 @@ def bench_vad(args) -> int:
         window_ms = window / rate * 1000
         print(f"{rate:>6}{us:>11.0f}{window_ms:>11.0f}{us / 10 / window_ms:>13.2f}")
     return 0
+
+
+def print_voiced(params) -> None:
+    """Voiced seconds (Silero windows in STARTING/SPEAKING, as CallerVoiceFrame reports them) per scenario clip."""
+    from pathlib import Path
+
+    from pipecat.audio.vad.silero import SileroVADAnalyzer
+    from pipecat.audio.vad.vad_analyzer import VADState
+
+    import pipelines.scenarios
+    from pipelines.audio import read_wav
+
+    audio = Path(pipelines.scenarios.__file__).parent / "audio"
+    print(f"\n{'clip (8 kHz)':<16}{'length s':>9}{'voiced s':>9}{'longest run s':>14}")
+    for name in ("uh_huh", "okay", "mm_hm", "interruption", "question"):
+        pcm = read_wav(audio / f"{name}_8k.wav", 8000)
+        analyzer = SileroVADAnalyzer(params=params)
+        analyzer.set_sample_rate(8000)
+        window = analyzer.num_frames_required()
+        padded = np.concatenate([np.zeros(4000, np.int16), pcm, np.zeros(8000, np.int16)])
+        voiced = [analyzer._run_analyzer(padded[i : i + window].tobytes()) in (VADState.STARTING, VADState.SPEAKING)
+                  for i in range(0, len(padded) - window + 1, window)]
+        runs = [len(r) for r in "".join("1" if v else "0" for v in voiced).split("0") if r]
+        secs = window / 8000
+        print(f"{name:<16}{len(pcm) / 8000:>9.2f}{sum(voiced) * secs:>9.2f}{max(runs, default=0) * secs:>14.2f}")
 
 
 if __name__ == "__main__":
