@@ -16,13 +16,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from processors.turn import TurnParams, TurnProcessor
 from processors.vad import VADParams, VADProcessor
 from tests.fixtures import fixture_wav
-
-MS = 20
-
-
-def frames_of(pcm: np.ndarray, rate: int) -> list[InputAudioRawFrame]:
-    n = rate * MS // 1000
-    return [InputAudioRawFrame(audio=pcm[i : i + n].tobytes(), sample_rate=rate, num_channels=1) for i in range(0, len(pcm) - n + 1, n)]
+from tests.processors.test_vad import MS, frames_of
 
 
 def silence(secs: float, rate: int) -> np.ndarray:
