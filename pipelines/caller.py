@@ -1,11 +1,17 @@
-"""A simulated caller: dials a bot the way Exotel's Voicebot applet or Twilio Media Streams do.
+"""A simulated caller: dials a bot the way Exotel's Voicebot applet, Twilio Media Streams or the
+browser page (transports/browser_page/) do.
 
-Written from the provider's side of docs/telephony-protocols.md §1-2, independently of the
-transports, so it catches our own protocol bugs instead of sharing them. It plays the phone too:
-bot audio goes through a real-time playout buffer, marks are echoed when the playout reaches them
-(at once when nothing is queued), `clear` cuts what is queued and echoes pending marks, and every
-breach of the provider's rules is reported. As Twilio, it fetches the TwiML from the voice webhook
-first and signs both requests when given the auth token.
+Written from the provider's side of docs/telephony-protocols.md §1-2 and from the page's script,
+independently of the transports, so it catches our own protocol bugs instead of sharing them. It
+plays the phone too: bot audio goes through a real-time playout buffer, marks are echoed when the
+playout reaches them (at once when nothing is queued), `clear` cuts what is queued and echoes
+pending marks, and every breach of the provider's rules is reported. As Twilio, it fetches the TwiML
+from the voice webhook first and signs both requests when given the auth token.
+
+Timed actions (`events=`): DTMF digits (Exotel and Twilio `dtmf` events; the page has none) and a
+hang-up (Exotel/Twilio `stop`, the page's `end`), after which the server must close the socket.
+Every media chunk received is kept with its arrival time and level, and every `clear` and `mark`
+with its arrival time, so what was heard can be judged afterwards (pipelines/scenarios/checks.py).
 """
 
 import asyncio
@@ -31,6 +37,37 @@ PACKET_BYTES = 320  # Exotel plays 320-byte packets
 MAX_CHUNK_BYTES = 100_000  # documented maximum media payload
 BOT_EVENTS = ("media", "mark", "clear")  # all a Voicebot may send
 TICK = 0.01  # playout clock resolution (mark echo latency)
+VOICED_RMS = 100.0  # a received chunk above this int16 RMS (about -50 dBFS) counts as voiced
+
+
+@dataclass
+class Received:
+    """One media chunk as it arrived: when, where its playout starts on the heard track, and its level."""
+
+    t: float  # arrival, seconds on the call's timeline
+    start: int  # first sample on the heard track (playout starts at arrival or when the queue runs out)
+    samples: int
+    rms: float
+
+    @property
+    def voiced(self) -> bool:
+        return self.rms > VOICED_RMS
+
+
+@dataclass
+class Dtmf:
+    """Press `digit` at `at` seconds on the call's timeline (Exotel and Twilio only)."""
+
+    at: float
+    digit: str
+    duration_ms: int = 250
+
+
+@dataclass
+class HangUp:
+    """Stop talking at `at` seconds and hang up: Exotel/Twilio `stop`, the page's `end`."""
+
+    at: float
 
 
 @dataclass
@@ -43,6 +80,15 @@ class CallResult:
     clears: int = 0
     close_code: int | None = None
     sent_seconds: float = 0.0
+    provider: str = "exotel"
+    chunks: list[Received] = field(default_factory=list)  # every media chunk, in arrival order
+    clear_times: list[float] = field(default_factory=list)
+    marks: list[tuple[float, str]] = field(default_factory=list)  # (arrival, name) of the bot's marks
+    dtmf_sent: list[tuple[float, str]] = field(default_factory=list)
+    hung_up_at: float | None = None  # when we sent stop / end
+    server_closed_at: float | None = None  # when the server closed the socket (None: we closed it)
+    bot_errors: list[str] = field(default_factory=list)  # the page's `error` messages
+    ended: str | None = None  # the page's `session_ended` reason
 
 
 def dial_url(url: str, sample_rate: int, custom_parameters: dict[str, str]) -> str:
@@ -58,12 +104,12 @@ def dial_url(url: str, sample_rate: int, custom_parameters: dict[str, str]) -> s
 class _Phone:
     """Shared state of one call: the playout timeline, pending marks and what the bot did."""
 
-    def __init__(self, ws: ClientConnection, rate: int, stream_sid: str, dialect: "Exotel | Twilio"):
+    def __init__(self, ws: ClientConnection, rate: int, stream_sid: str, dialect: "Exotel | Twilio | Browser"):
         self.ws = ws
         self.rate = rate
         self.sid = stream_sid
         self.dialect = dialect
-        self.result = CallResult(heard=np.zeros(0, np.int16), sample_rate=rate)
+        self.result = CallResult(heard=np.zeros(0, np.int16), sample_rate=rate, provider=dialect.name)
         self.loop = asyncio.get_running_loop()
         self.t0 = self.loop.time()
         self.segments: list[tuple[int, np.ndarray]] = []  # (start sample, audio), in play order
@@ -73,6 +119,10 @@ class _Phone:
         self.send_lock = asyncio.Lock()
         self.server_closed = asyncio.Event()
         self.media_received = 0
+        self.closing = False  # we are closing the socket (so its end is not the server's doing)
+        self.ready = asyncio.Event()  # the bot accepted the call (the page waits for init_success)
+        if not dialect.waits_for_ready:
+            self.ready.set()
 
     def now(self) -> float:
         return self.loop.time() - self.t0
@@ -84,8 +134,7 @@ class _Phone:
         """Send with the next sequence number; False once the socket is gone."""
         async with self.send_lock:
             self.seq += 1
-            message = {"event": message["event"], **self.dialect.envelope(self.seq, self.sid)} | {
-                k: v for k, v in message.items() if k != "event"}
+            message = self.dialect.wrap(self.seq, self.sid, message)
             try:
                 await self.ws.send(json.dumps(message))
                 return True
@@ -109,26 +158,24 @@ class _Phone:
         if not isinstance(msg, dict):
             return self.violation(t, f"JSON {type(msg).__name__}, not an object")
         self.result.messages.append((t, msg))
-        event = msg.get("event")
-        if event not in BOT_EVENTS:
-            return self.violation(t, f"unknown event {event!r}")
-        sid = msg.get(self.dialect.sid_key)
-        if sid != self.sid:
-            self.violation(t, f"{event} with {self.dialect.sid_key} {sid!r}, call is {self.sid!r}")
+        event = msg.get(self.dialect.event_key)
+        if event not in self.dialect.bot_events:
+            return self.violation(t, f"unknown {self.dialect.event_key} {event!r}")
         self.dialect.check_fields(self, t, msg)
-        if event == "media":
+        if event == "media" or (event == "audio" and self.dialect.name == "browser"):
             self.on_media(t, msg)
         elif event == "mark":
             await self.on_mark(t, msg)
-        else:
+        elif event == "clear":
             await self.on_clear()
+        else:
+            self.dialect.on_other(self, t, event, msg)
 
     def on_media(self, t: float, msg: dict) -> None:
         self.media_received += 1
-        media = msg.get("media")
-        b64 = media.get("payload") if isinstance(media, dict) else None
+        b64 = self.dialect.payload(msg)
         if not isinstance(b64, str):
-            return self.violation(t, "media without media.payload")
+            return self.violation(t, f"{self.dialect.media_field} without {self.dialect.payload_field}")
         try:
             wire = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
@@ -139,12 +186,15 @@ class _Phone:
         start = max(round(max(t, 0.0) * self.rate), self.play_end)
         self.segments.append((start, samples))
         self.play_end = start + len(samples)
+        level = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+        self.result.chunks.append(Received(t, start, len(samples), level))
+        self.dialect.check_backlog(self, t)
 
     async def on_mark(self, t: float, msg: dict) -> None:
-        mark = msg.get("mark")
-        name = mark.get("name") if isinstance(mark, dict) else None
+        name = self.dialect.mark_name(msg)
         if not isinstance(name, str):
-            return self.violation(t, "mark without mark.name")
+            return self.violation(t, f"mark without {self.dialect.mark_field}")
+        self.result.marks.append((t, name))
         if self.play_end <= self.now_sample():
             await self.echo(name)
         else:
@@ -154,6 +204,7 @@ class _Phone:
         """Cut queued audio at this instant; pending marks are echoed now, as Twilio documents
         (Exotel does not say, doc §1.8)."""
         self.result.clears += 1
+        self.result.clear_times.append(self.now())
         cut = self.now_sample()
         self.segments = [(s, a[: cut - s]) for s, a in self.segments if s < cut]
         self.play_end = cut
@@ -163,7 +214,7 @@ class _Phone:
 
     async def echo(self, name: str) -> None:
         self.result.marks_echoed.append(name)
-        await self.send({"event": "mark", "mark": {"name": name}})
+        await self.send(self.dialect.mark_echo(name))
 
     async def tick(self) -> None:
         """Echo marks whose audio has played out."""
@@ -185,7 +236,68 @@ class _Phone:
         return heard
 
 
-class Exotel:
+class _Telephony:
+    """What Exotel and Twilio share: `event` messages with a stream id, `media.payload`, `mark.name`."""
+
+    event_key = "event"
+    bot_events = BOT_EVENTS
+    media_field, payload_field, mark_field = "media", "media.payload", "mark.name"
+    waits_for_ready = False
+    name = sid_key = ""
+
+    def envelope(self, seq: int, sid: str) -> dict:
+        raise NotImplementedError
+
+    def wrap(self, seq: int, sid: str, message: dict) -> dict:
+        return {"event": message["event"], **self.envelope(seq, sid)} | {k: v for k, v in message.items() if k != "event"}
+
+    def payload(self, msg: dict):
+        media = msg.get("media")
+        return media.get("payload") if isinstance(media, dict) else None
+
+    def mark_name(self, msg: dict):
+        mark = msg.get("mark")
+        return mark.get("name") if isinstance(mark, dict) else None
+
+    def mark_echo(self, name: str) -> dict:
+        return {"event": "mark", "mark": {"name": name}}
+
+    def check_envelope(self, phone: _Phone, t: float, msg: dict) -> None:
+        sid = msg.get(self.sid_key)
+        if sid != phone.sid:
+            phone.violation(t, f"{msg.get('event')} with {self.sid_key} {sid!r}, call is {phone.sid!r}")
+
+    def check_fields(self, phone: _Phone, t: float, msg: dict) -> None:
+        self.check_envelope(phone, t, msg)
+
+    def check_backlog(self, phone: _Phone, t: float) -> None:
+        pass  # neither provider documents a limit on queued audio
+
+    def on_other(self, phone: _Phone, t: float, event: str, msg: dict) -> None:
+        pass  # BOT_EVENTS are all handled
+
+    def media(self, k: int, ms: int, pcm: bytes) -> dict:
+        raise NotImplementedError
+
+    def media_message(self, k: int, ms: int, pcm: bytes) -> dict:
+        """Caller chunk `k` (`ms` long) as the message that carries it."""
+        return {"event": "media", "media": self.media(k, ms, pcm)}
+
+    def opening(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> list[dict]:
+        """The messages that open the call, after `connected`."""
+        return [self.start(phone, call_sid, custom_parameters)]
+
+    def start(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> dict:
+        raise NotImplementedError
+
+    def hang_up(self, call_sid: str) -> dict:
+        return self.stop(call_sid)
+
+    def stop(self, call_sid: str) -> dict:
+        raise NotImplementedError
+
+
+class Exotel(_Telephony):
     """Exotel's Voicebot applet: snake_case, PCM16 at the URL's rate, ~100 ms media, strict chunk sizes."""
 
     name = "exotel"
@@ -198,6 +310,9 @@ class Exotel:
     def envelope(self, seq: int, sid: str) -> dict:
         return {"sequence_number": str(seq), "stream_sid": sid}
 
+    def connected(self) -> dict:
+        return {"event": "connected"}
+
     def start(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> dict:
         """The documented `start` event, values as strings like Exotel's own examples."""
         return {"event": "start", "start": {
@@ -208,6 +323,10 @@ class Exotel:
     def media(self, k: int, ms: int, pcm: bytes) -> dict:
         return {"chunk": str(k + 1), "timestamp": str((k + 1) * ms), "payload": base64.b64encode(pcm).decode("ascii")}
 
+    def dtmf(self, digit: str, duration_ms: int) -> dict:
+        """Exotel's `dtmf` event (doc §1.3): the digit and how long it was held, as strings."""
+        return {"event": "dtmf", "dtmf": {"digit": digit, "duration": str(duration_ms)}}
+
     def stop(self, call_sid: str) -> dict:
         return {"event": "stop", "stop": {"call_sid": call_sid, "account_sid": "simulated", "reason": "callended"}}
 
@@ -215,7 +334,7 @@ class Exotel:
         return wire
 
     def check_fields(self, phone: _Phone, t: float, msg: dict) -> None:
-        pass  # Exotel documents no error for extra fields
+        self.check_envelope(phone, t, msg)  # Exotel documents no error for extra fields
 
     def check_chunk(self, phone: _Phone, t: float, size: int) -> None:
         """Exotel's outbound rules (doc §1.7): 320-byte multiples, >= minimum, <= 100 kB."""
@@ -228,7 +347,7 @@ class Exotel:
             phone.violation(t, f"media #{n}: {size} bytes is above the {MAX_CHUNK_BYTES}-byte maximum")
 
 
-class Twilio:
+class Twilio(_Telephony):
     """Twilio Media Streams: camelCase, μ-law 8 kHz, 20 ms media; error 31951 on any extra field."""
 
     name = "twilio"
@@ -240,6 +359,9 @@ class Twilio:
     def envelope(self, seq: int, sid: str) -> dict:
         return {"sequenceNumber": str(seq), "streamSid": sid}
 
+    def connected(self) -> dict:
+        return {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+
     def start(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> dict:
         return {"event": "start", "start": {
             "streamSid": phone.sid, "accountSid": "ACsimulated", "callSid": call_sid, "tracks": ["inbound"],
@@ -250,6 +372,10 @@ class Twilio:
         return {"track": "inbound", "chunk": str(k + 1), "timestamp": str(k * ms),
                 "payload": base64.b64encode(audioop.lin2ulaw(pcm, 2)).decode("ascii")}
 
+    def dtmf(self, digit: str, duration_ms: int) -> dict:
+        """Twilio's `dtmf` message (bidirectional streams): the track and the digit, nothing else."""
+        return {"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": digit}}
+
     def stop(self, call_sid: str) -> dict:
         return {"event": "stop", "stop": {"accountSid": "ACsimulated", "callSid": call_sid}}
 
@@ -257,6 +383,7 @@ class Twilio:
         return audioop.ulaw2lin(wire, 2)
 
     def check_fields(self, phone: _Phone, t: float, msg: dict) -> None:
+        self.check_envelope(phone, t, msg)
         expected = self.FIELDS.get(msg.get("event"), set(msg))
         if set(msg) != expected:
             phone.violation(t, f"{msg.get('event')} fields {sorted(msg)}, Twilio wants {sorted(expected)} (error 31951)")
@@ -267,6 +394,95 @@ class Twilio:
     def check_chunk(self, phone: _Phone, t: float, size: int) -> None:
         if size == 0:
             phone.violation(t, f"media #{phone.media_received}: empty payload")
+
+
+class Browser:
+    """The call page (transports/browser_page/main.js): `type` messages, base64 PCM16LE at the page's
+    rate both ways, no envelope. The page sends `init` once the socket is open and microphone audio
+    only after `init_success`; it echoes a `mark` when playback passes it (or a `clear` drops it),
+    keeps at most `max_buffer_ms` queued, and hangs up with `end`."""
+
+    name = "browser"
+    event_key = "type"
+    bot_events = ("init_success", "state", "transcript", "audio", "mark", "clear", "error", "session_ended")
+    media_field, payload_field, mark_field = "audio", "data", "name"
+    waits_for_ready = True
+    chunk_ms = 40
+    STATES = ("listening", "thinking", "speaking")
+
+    def __init__(self, max_buffer_ms: int = 2000):
+        self.max_buffer_ms = max_buffer_ms
+        self.init_at: float | None = None
+        self.rate = 16000
+
+    def wrap(self, seq: int, sid: str, message: dict) -> dict:
+        return message
+
+    def connected(self) -> dict | None:
+        return None  # nothing before `init`
+
+    def opening(self, phone: _Phone, call_sid: str, custom_parameters: dict[str, str]) -> list[dict]:
+        self.rate = phone.rate
+        return [{"type": "init", "sample_rate": phone.rate, "session_id": phone.sid, **custom_parameters}]
+
+    def media_message(self, k: int, ms: int, pcm: bytes) -> dict:
+        return {"type": "audio", "data": base64.b64encode(pcm).decode("ascii")}
+
+    def dtmf(self, digit: str, duration_ms: int) -> dict:
+        raise ValueError("the browser page has no DTMF")
+
+    def hang_up(self, call_sid: str) -> dict:
+        return {"type": "end"}
+
+    def payload(self, msg: dict):
+        return msg.get("data")
+
+    def mark_name(self, msg: dict):
+        name = msg.get("name")
+        return name if isinstance(name, str) and name else None
+
+    def mark_echo(self, name: str) -> dict:
+        return {"type": "mark", "name": name}
+
+    def decode(self, wire: bytes) -> bytes:
+        return wire
+
+    def check_fields(self, phone: _Phone, t: float, msg: dict) -> None:
+        kind = msg.get("type")
+        if kind in ("audio", "mark", "clear", "state", "transcript") and self.init_at is None:
+            phone.violation(t, f"{kind} before init_success")
+
+    def check_chunk(self, phone: _Phone, t: float, size: int) -> None:
+        if size == 0 or size % 2:
+            phone.violation(t, f"audio #{phone.media_received}: {size} bytes is not whole PCM16 samples")
+
+    def check_backlog(self, phone: _Phone, t: float) -> None:
+        """The page drops the oldest audio beyond max_buffer_ms: a bot that far ahead loses speech."""
+        queued = (phone.play_end - phone.now_sample()) / phone.rate
+        if queued * 1000 > self.max_buffer_ms:
+            phone.violation(t, f"audio #{phone.media_received}: {queued * 1000:.0f} ms queued, the page keeps "
+                               f"{self.max_buffer_ms} ms and drops the rest")
+
+    def on_other(self, phone: _Phone, t: float, event: str, msg: dict) -> None:
+        if event == "init_success":
+            if self.init_at is not None:
+                phone.violation(t, "a second init_success")
+            self.init_at = t
+            if msg.get("session_id") != phone.sid:
+                phone.violation(t, f"init_success for session {msg.get('session_id')!r}, the page sent {phone.sid!r}")
+            if msg.get("sample_rate") != phone.rate:
+                phone.violation(t, f"init_success at {msg.get('sample_rate')!r} Hz, the page runs {phone.rate}")
+            phone.ready.set()
+        elif event == "state":
+            if msg.get("state") not in self.STATES:
+                phone.violation(t, f"state {msg.get('state')!r}, the page knows {', '.join(self.STATES)}")
+        elif event == "transcript":
+            if not isinstance(msg.get("text"), str):
+                phone.violation(t, "transcript without text")
+        elif event == "error":
+            phone.result.bot_errors.append(f"{t:.3f}s {msg.get('message')}")
+        elif event == "session_ended":
+            phone.result.ended = str(msg.get("reason"))
 
 
 def twilio_signature(auth_token: str, url: str, form: dict[str, str] | None = None) -> str:
@@ -305,17 +521,29 @@ def _speech(audio: np.ndarray, rate: int, seconds: float | None, chunk: int) -> 
 
 
 async def _speak(phone: _Phone, speech: np.ndarray, chunk: int) -> None:
-    """Stream the caller's audio in real time against absolute deadlines, so pacing never drifts."""
+    """Stream the caller's audio in real time against absolute deadlines, so pacing never drifts.
+    Chunks "recorded" before the bot accepted the call are not sent (the page drops them too)."""
     for k in range(len(speech) // chunk):
         deadline = phone.t0 + (k + 1) * chunk / phone.rate  # a chunk leaves once it was "recorded"
         await asyncio.sleep(max(0.0, deadline - phone.loop.time()))
         if phone.server_closed.is_set():
             return
+        if not phone.ready.is_set():
+            continue
         pcm = speech[k * chunk : (k + 1) * chunk].astype("<i2").tobytes()
-        media = phone.dialect.media(k, chunk * 1000 // phone.rate, pcm)
-        if not await phone.send({"event": "media", "media": media}):
+        if not await phone.send(phone.dialect.media_message(k, chunk * 1000 // phone.rate, pcm)):
             return
         phone.result.sent_seconds = (k + 1) * chunk / phone.rate
+
+
+async def _press(phone: _Phone, events: list[Dtmf]) -> None:
+    """Send each DTMF digit at its time on the call's timeline."""
+    for event in sorted(events, key=lambda e: e.at):
+        await asyncio.sleep(max(0.0, phone.t0 + event.at - phone.loop.time()))
+        if phone.server_closed.is_set():
+            return
+        if await phone.send(phone.dialect.dtmf(event.digit, event.duration_ms)):
+            phone.result.dtmf_sent.append((phone.now(), event.digit))
 
 
 async def _listen(phone: _Phone) -> None:
@@ -325,6 +553,8 @@ async def _listen(phone: _Phone) -> None:
     except ConnectionClosed:
         pass
     finally:
+        if phone.result.server_closed_at is None and not phone.closing:
+            phone.result.server_closed_at = phone.now()
         phone.server_closed.set()
 
 
@@ -356,19 +586,31 @@ async def place_call(
     progress: Callable[[str], None] | None = None,
     hangup: bool = True,
     linger: float = 1.0,
+    events: list[Dtmf | HangUp] | None = None,
+    max_buffer_ms: int = 2000,
 ) -> CallResult:
     """Dial `url` as the provider, say `audio`, and return what the caller heard and what the bot broke.
 
     Exotel dials the stream URL with the rate and custom parameters in its query. Twilio takes the
     voice webhook (http[s]://) and follows its TwiML, or a ws[s]:// stream URL directly; its audio is
-    always 8 kHz.
+    always 8 kHz. The browser dials the page's WebSocket and sends `init` (with `stream_sid` as its
+    session id and the custom parameters); its audio is at the page's rate (`sample_rate`).
+
+    `events`: DTMF digits at their times, and at most one HangUp, which ends the caller's audio
+    there (instead of after `seconds`). After the hang-up (or the audio's end, with `hangup`) the
+    server has `linger` seconds to close the socket.
     """
     custom_parameters = dict(custom_parameters or {})
     stream_sid = stream_sid or f"MZ{uuid.uuid4().hex}"
     call_sid = call_sid or f"CA{uuid.uuid4().hex}"
+    events = list(events or [])
+    presses = [e for e in events if isinstance(e, Dtmf)]
+    hang_ups = [e for e in events if isinstance(e, HangUp)]
+    if len(hang_ups) > 1:
+        raise ValueError("a caller hangs up once")
     headers = {}
     if provider == "twilio":
-        dialect: Exotel | Twilio = Twilio()
+        dialect: Exotel | Twilio | Browser = Twilio()
         if sample_rate != 8000:
             raise ValueError(f"Twilio streams are 8000 Hz, not {sample_rate}")
         if url.startswith(("http://", "https://")):
@@ -381,21 +623,36 @@ async def place_call(
         if len(custom_parameters) > 3 or len(urlencode(custom_parameters)) > 256:
             logger.warning("caller: Exotel allows at most 3 custom parameters, 256 characters in all")
         url = dial_url(url, sample_rate, custom_parameters)
+    elif provider == "browser":
+        dialect = Browser(max_buffer_ms)
+        if presses:
+            raise ValueError("the browser page has no DTMF")
     else:
-        raise ValueError(f"the simulated caller speaks exotel or twilio, not {provider!r}")
+        raise ValueError(f"the simulated caller speaks exotel, twilio or browser, not {provider!r}")
     chunk = sample_rate * (chunk_ms or dialect.chunk_ms) // 1000
+    if hang_ups:
+        seconds, hangup = hang_ups[0].at, True
     speech = _speech(audio, sample_rate, seconds, chunk)
+    if hang_ups:
+        speech = speech[: round(hang_ups[0].at * sample_rate) // chunk * chunk]
     async with connect(url, max_size=16 * 2**20, open_timeout=10, additional_headers=headers) as ws:
-        connected = {"event": "connected"} if provider == "exotel" else {"event": "connected", "protocol": "Call", "version": "1.0.0"}
-        await ws.send(json.dumps(connected))
+        connected = dialect.connected()
+        if connected:
+            await ws.send(json.dumps(connected))
         phone = _Phone(ws, sample_rate, stream_sid, dialect)
-        await phone.send(dialect.start(phone, call_sid, custom_parameters))
+        for message in dialect.opening(phone, call_sid, custom_parameters):
+            await phone.send(message)
         listener = asyncio.create_task(_listen(phone), name=f"caller-listen-{stream_sid}")
         clock = asyncio.create_task(_clock(phone, progress), name=f"caller-clock-{stream_sid}")
+        keys = asyncio.create_task(_press(phone, presses), name=f"caller-dtmf-{stream_sid}")
         try:
             await _speak(phone, speech, chunk)
+            if hang_ups:
+                await asyncio.sleep(max(0.0, phone.t0 + hang_ups[0].at - phone.loop.time()))
+            keys.cancel()
             if hangup and not phone.server_closed.is_set():
-                await phone.send(dialect.stop(call_sid))
+                phone.result.hung_up_at = phone.now()
+                await phone.send(dialect.hang_up(call_sid))
             try:
                 await asyncio.wait_for(phone.server_closed.wait(), linger)
                 phone.result.close_code = ws.close_code
@@ -403,9 +660,11 @@ async def place_call(
                 pass
             end = phone.now_sample()
         finally:
+            phone.closing = True
             clock.cancel()
+            keys.cancel()
             await ws.close()
             listener.cancel()
-            await asyncio.gather(listener, clock, return_exceptions=True)
+            await asyncio.gather(listener, clock, keys, return_exceptions=True)
     phone.result.heard = phone.render(end)
     return phone.result
