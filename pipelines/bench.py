@@ -70,8 +70,14 @@ def _bench_soak(args) -> int:
     return bench_soak(args)
 
 
+def _bench_scenarios(args) -> int:
+    from pipelines.bench_scenarios import bench_scenarios
+
+    return bench_scenarios(args)
+
+
 BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation, "load": _bench_load,
-           "soak": _bench_soak}
+           "soak": _bench_soak, "scenarios": _bench_scenarios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
     from pipelines.bench_conversation import add_parser as add_conversation_parser
     from pipelines.bench_load import add_parser as add_load_parser
+    from pipelines.bench_scenarios import add_parser as add_scenarios_parser
     from pipelines.bench_soak import add_parser as add_soak_parser
     from pipelines.bench_vad import add_parser
 
@@ -94,5 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     add_conversation_parser(sub)
     add_load_parser(sub)
     add_soak_parser(sub)
+    add_scenarios_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)

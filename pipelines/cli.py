@@ -129,15 +129,20 @@ def cmd_call(args) -> int:
     cfg = deployment.loaded.config
     tp = deployment.transport_params
     provider = args.provider or cfg.transport.type
-    if provider not in ("exotel", "twilio"):
-        print(f"error: the simulated caller speaks exotel or twilio; {args.config} uses {provider} (try --provider)", file=sys.stderr)
+    if provider not in ("exotel", "twilio", "browser"):
+        print(f"error: the simulated caller speaks exotel, twilio or browser; {args.config} uses {provider} (try --provider)", file=sys.stderr)
         return EXIT_CONFIG
-    rate = args.sample_rate or 8000
+    if bool(args.audio) == bool(args.scenario):
+        print("error: give --audio IN.wav or --scenario NAME", file=sys.stderr)
+        return EXIT_CONFIG
+    rate = args.sample_rate or (getattr(tp, "sample_rate", 16000) if provider == "browser" else 8000)
     url = args.url
     if not url:
         host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
         twiml = getattr(tp, "twiml_path", None)
         url = f"http://{host}:{cfg.server.port}{twiml}" if provider == "twilio" and twiml else f"ws://{host}:{cfg.server.port}{getattr(tp, 'path', '/')}"
+    if args.scenario:
+        return _call_scenario(args, deployment, url)
     audio = read_wav(args.audio, rate)
     audio = np.concatenate([np.zeros(int(args.delay * rate), np.int16), audio])
     params = dict(p.split("=", 1) for p in args.param)
@@ -151,6 +156,36 @@ def cmd_call(args) -> int:
     for v in result.violations[:10]:
         print(f"  violation: {v}")
     return 1 if result.violations else 0
+
+
+def _call_scenario(args, deployment, url: str) -> int:
+    """One scenario from pipelines/scenarios/ against a running server, judged as `bench scenarios` does."""
+    import uuid
+
+    from pipelines import scenarios
+    from pipelines.audio import read_wav, write_wav
+    from pipelines.bench_scenarios import call_scenario, engine_options, target
+
+    scenario = scenarios.load(args.scenario)
+    tgt = target(deployment.loaded.path)
+    if tgt.provider not in scenario.providers:
+        print(f"error: {scenario.name} is for {', '.join(scenario.providers)}, not {tgt.provider}", file=sys.stderr)
+        return EXIT_CONFIG
+    engine, note = engine_options(tgt, scenario)
+    if scenario.model.model_says or scenario.model.engine:
+        print(f"note: {scenario.name} expects the reference engine set up as {engine} (`bench scenarios` starts such a "
+              "server itself)", file=sys.stderr)
+    clips = {name: read_wav(path, tgt.rate) for name, path in tgt.clips.items()}
+    call_id = f"call-{uuid.uuid4().hex[:12]}"
+    run, result, _ = asyncio.run(call_scenario(tgt, scenario, url, call_id, clips, records=args.records,
+                                               progress=lambda line: print(line, file=sys.stderr, flush=True)))
+    if result is not None:
+        write_wav(args.out, result.heard, result.sample_rate)
+        print(f"wrote {args.out}: {len(result.heard) / result.sample_rate:.1f} s heard")
+    print(f"{scenario.name} as {tgt.provider} ({call_id}): {run.heard}")
+    for check in run.checks:
+        print(f"  {'pass' if check.passed else 'FAIL'}  {check.label}: {check.detail}")
+    return 0 if run.passed else 1
 
 
 def report_main(argv: list[str]) -> int:
@@ -192,14 +227,17 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("call", help="be the caller: dial a running server as the provider does",
                        description="Place a simulated call and write what the caller heard.")
     p.add_argument("config", help="the deployment whose server to dial")
-    p.add_argument("--audio", required=True, help="WAV the caller says")
+    p.add_argument("--audio", help="WAV the caller says")
+    p.add_argument("--scenario", metavar="NAME", help="instead of --audio: play a scenario of pipelines/scenarios/ "
+                   "(e.g. user_interruption) and judge what was heard; the exit status says whether it passed")
+    p.add_argument("--records", metavar="DIR", help="with --scenario: the server's records.dir, so the call's record is judged too")
     p.add_argument("--out", required=True, help="WAV of what the caller heard")
     p.add_argument("--url", help="URL to dial: Exotel's ws:// stream, Twilio's http:// webhook or ws:// stream (default: from the config)")
-    p.add_argument("--provider", choices=("exotel", "twilio"), help="speak this provider's protocol (default: the config's transport)")
+    p.add_argument("--provider", choices=("exotel", "twilio", "browser"), help="speak this provider's protocol (default: the config's transport)")
     p.add_argument("--seconds", type=float, help="call length (default: the audio's length plus the answer)")
     p.add_argument("--delay", type=float, default=1.5,
                    help="silence before the caller speaks: the engine hears nothing before its handshake (default 1.5 s)")
-    p.add_argument("--sample-rate", type=int, choices=(8000, 16000, 24000), help="Exotel only (default 8000); Twilio is 8000")
+    p.add_argument("--sample-rate", type=int, choices=(8000, 16000, 24000), help="Exotel only (default 8000); Twilio is 8000, the browser its config's")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
     p.set_defaults(func=cmd_call)
 
