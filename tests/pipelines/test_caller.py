@@ -304,3 +304,138 @@ async def test_as_twilio_it_speaks_mulaw_camelcase_and_reports_extra_fields():
     assert result.marks_echoed == ["m1"]
     assert len(result.violations) == 2 and all("31951" in v for v in result.violations)
     assert abs(result.heard[int(0.06 * rate)] - 1000) < 40  # μ-law decoded on playout
+
+
+# ---- timed actions and the browser page ----------------------------------------------------------------
+
+
+async def test_dtmf_digits_go_out_at_their_times_in_each_providers_format():
+    from pipelines.caller import Dtmf
+
+    bot = Bot()
+    result = await call(bot, np.zeros(8000, np.int16), 8000, seconds=0.8, stream_sid="MZtest", linger=0.1,
+                        events=[Dtmf(0.45, "#"), Dtmf(0.25, "5", duration_ms=120)])
+    sent = bot.events("dtmf")
+    assert [m["dtmf"] for _, m in sent] == [{"digit": "5", "duration": "120"}, {"digit": "#", "duration": "250"}]
+    assert all(m["stream_sid"] == "MZtest" and m["sequence_number"].isdigit() for _, m in sent)
+    order = [m["event"] if m["event"] != "media" else m["media"]["chunk"] for _, m in bot.received]
+    assert order.index("2") < order.index("dtmf") < order.index("4")  # between the media chunks of that moment
+    assert [d for _, d in result.dtmf_sent] == ["5", "#"] and result.dtmf_sent[0][0] >= 0.25
+
+    bot = Bot()
+    async with serve(bot.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        await place_call(f"ws://127.0.0.1:{port}/twilio", np.zeros(4000, np.int16), 8000, provider="twilio",
+                         stream_sid="MZtw", linger=0.1, events=[Dtmf(0.1, "1")])
+    [(_, message)] = bot.events("dtmf")
+    assert message == {"event": "dtmf", "sequenceNumber": message["sequenceNumber"], "streamSid": "MZtw",
+                       "dtmf": {"track": "inbound_track", "digit": "1"}}
+
+
+async def test_a_hang_up_stops_the_audio_sends_stop_and_waits_for_the_server_to_close():
+    from pipelines.caller import HangUp
+
+    async def handler(ws):
+        async for raw in ws:
+            if json.loads(raw)["event"] == "stop":
+                await ws.close(1000)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        result = await place_call(f"ws://127.0.0.1:{port}/exotel", np.zeros(16000, np.int16), 8000, seconds=2.0,
+                                  events=[HangUp(0.5)], linger=2.0)
+    assert result.sent_seconds == pytest.approx(0.5)
+    assert result.hung_up_at >= 0.5 and result.server_closed_at >= result.hung_up_at
+    assert result.close_code == 1000 and result.violations == []
+
+
+class PageBot(Bot):
+    """A bot on the browser page's protocol: `type` messages, no envelope."""
+
+    async def handler(self, ws) -> None:
+        self.ws, self.path = ws, ws.request.path
+        tasks = []
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg["type"] == "init":
+                self.t0 = asyncio.get_running_loop().time()
+                if self.script:
+                    tasks.append(asyncio.create_task(self.script(self)))
+            self.received.append((self.now(), msg))
+            if msg["type"] == "end":
+                await self.send({"type": "session_ended", "reason": "hang-up"})
+                await ws.close(1000)
+        for task in tasks:
+            task.cancel()
+
+    def events(self, name: str) -> list[tuple[float, dict]]:
+        return [(t, m) for t, m in self.received if m["type"] == name]
+
+
+def page_audio(pcm: np.ndarray) -> dict:
+    return {"type": "audio", "data": base64.b64encode(pcm.astype("<i2").tobytes()).decode()}
+
+
+async def test_as_the_browser_page_it_inits_plays_echoes_marks_and_honours_clear():
+    tone = np.full(640, 3000, np.int16)  # 40 ms at 16 kHz
+
+    async def script(bot):
+        await bot.send({"type": "init_success", "session_id": "page-1", "sample_rate": 16000, "chunk_samples": 640})
+        await bot.send({"type": "state", "state": "listening"})
+        await bot.at(0.2)
+        for _ in range(25):  # 1 s of bot audio, sent at once
+            await bot.send(page_audio(tone))
+        await bot.send({"type": "mark", "name": "bot-1"})
+        await bot.send({"type": "transcript", "text": " hello", "final": False})
+        await bot.at(0.6)
+        await bot.send({"type": "clear"})
+        await bot.at(0.8)
+        await bot.send(page_audio(tone))
+        await bot.send({"type": "mark", "name": "bot-2"})
+
+    bot = PageBot(script)
+    async with serve(bot.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        result = await place_call(f"ws://127.0.0.1:{port}/browser/ws", np.full(24000, 100, np.int16), 16000,
+                                  provider="browser", stream_sid="page-1", custom_parameters={"persona": "sales"},
+                                  seconds=1.52, linger=1.0)
+
+    assert result.violations == [] and result.provider == "browser"
+    init = bot.received[0][1]
+    assert init == {"type": "init", "sample_rate": 16000, "session_id": "page-1", "persona": "sales"}
+    sent = bot.events("audio")
+    assert len(sent) == 38 and all(len(base64.b64decode(m["data"])) == 1280 for _, m in sent)
+    assert bot.received[-1][1] == {"type": "end"} and result.ended == "hang-up" and result.close_code == 1000
+    echoes = {m["name"]: t for t, m in bot.events("mark")}
+    assert set(echoes) == {"bot-1", "bot-2"}
+    assert echoes["bot-1"] == pytest.approx(0.6, abs=0.1)  # echoed by the clear, not after the second of audio
+    assert result.clear_times and result.clear_times[0] == pytest.approx(0.6, abs=0.1)
+    assert [name for _, name in result.marks] == ["bot-1", "bot-2"]
+    assert len(result.chunks) == 26 and all(c.voiced and c.samples == 640 for c in result.chunks)
+    heard = np.flatnonzero(result.heard)
+    assert heard[0] / 16000 == pytest.approx(0.2, abs=0.06)
+    assert (heard[-1] - heard[0]) / 16000 < 0.9  # the clear cut the queued second short
+
+
+async def test_the_page_dialect_reports_what_the_page_would_trip_over():
+    async def script(bot):
+        await bot.send(page_audio(np.ones(640, np.int16)))  # before init_success
+        await bot.send({"type": "init_success", "session_id": "someone-else", "sample_rate": 8000})
+        await bot.send({"type": "teleport"})
+        await bot.send({"type": "audio", "data": base64.b64encode(b"\x00\x01\x02").decode()})
+        await bot.send({"type": "state", "state": "dreaming"})
+        await bot.send({"type": "error", "message": "the speech engine failed"})
+        for _ in range(60):  # 2.4 s queued at once: more than the page keeps
+            await bot.send(page_audio(np.ones(640, np.int16)))
+
+    bot = PageBot(script)
+    async with serve(bot.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        result = await place_call(f"ws://127.0.0.1:{port}/browser/ws", np.zeros(8000, np.int16), 16000,
+                                  provider="browser", stream_sid="page-2", seconds=0.5, linger=0.5)
+    text = "\n".join(result.violations)
+    assert "audio before init_success" in text
+    assert "init_success for session 'someone-else'" in text and "init_success at 8000 Hz" in text
+    assert "unknown type 'teleport'" in text and "3 bytes is not whole PCM16 samples" in text
+    assert "state 'dreaming'" in text and "the page keeps 2000 ms" in text
+    assert result.bot_errors and "the speech engine failed" in result.bot_errors[0]
