@@ -39,7 +39,9 @@ TARGETS = ("replies heard", "stale chunks after clear", "stop latency p50", "bac
 
 def add_parser(subparsers):
     p = subparsers.add_parser("scenarios", help="the scenario suite: turn-taking moments, judged by what the caller heard",
-                              description=__doc__.split("\n\n")[0])
+                              description="Run the scenario suite (pipelines/scenarios/*.yaml) against real servers, one "
+                                          "per deployment and engine setup, as each provider's simulated caller; print what "
+                                          "each caller heard, judged, and the issue's targets; exit 0 only if all passed.")
     p.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS),
                    help="deployments to test, one server each per engine setup (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each scenario on each deployment (default 1)")

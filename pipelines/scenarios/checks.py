@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +45,6 @@ REPLY_WINDOW_S = 2.0  # a reply must hold min_secs of model speech within this o
 TALKING_BEFORE_S = 0.3  # bot_stopped: the bot must have been audible from this before the talk-over...
 TALKING_MIN_S = 0.15  # ...for at least this long, or there was nothing to interrupt
 OVER_MODEL_S = 0.2  # a clip starting within this of model speech starts over it
-BOT_MARK = re.compile(r"^bot-(\d+)$")
 
 
 # ---- what the caller heard -------------------------------------------------------------------------
