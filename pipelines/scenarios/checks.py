@@ -40,6 +40,8 @@ FRAME_S = 0.02
 TEMPLATE_S = 0.4  # a clip is recognised by its first 0.4 s...
 CLIP_MATCH = 0.8  # ...correlating this well
 FRAME_MATCH = 0.6  # and followed while each 20 ms frame correlates this well with the clip's
+RESUME_S = 0.5  # a clip whose playout stalled (an underrun) is followed if it goes on within this...
+RESUME_LEN_S = 0.1  # ...judged by its next 100 ms
 TURN_GAP_S = 0.5  # model speech with pauses shorter than this is one turn (reply detection)
 REPLY_WINDOW_S = 2.0  # a reply must hold min_secs of model speech within this of its start
 TALKING_BEFORE_S = 0.3  # bot_stopped: the bot must have been audible from this before the talk-over...
@@ -127,21 +129,41 @@ def find_clip(heard: np.ndarray, clip: np.ndarray, rate: int) -> list[tuple[int,
         if score[at] < CLIP_MATCH:
             break
         score[max(0, at - n_t) : at + n_t] = 0.0
-        pos = last = 0  # last: end of the last voiced clip frame heard
+        pos = last = shift = 0  # last: end of the last voiced clip frame heard; shift: playout gaps so far
         while pos < len(clip):
-            h = heard[at + pos : at + pos + frame]
+            h = heard[at + shift + pos : at + shift + pos + frame]
             c = clip[pos : pos + frame]
             if len(h) < len(c):
                 break
             c_rms, h_rms = np.sqrt(np.mean(c * c)), np.sqrt(np.mean(h * h))
             ok = _ncc(h, c) > FRAME_MATCH if c_rms > VOICED_RMS else h_rms <= max(VOICED_RMS, 2 * c_rms)
+            if not ok and c_rms > VOICED_RMS:  # an underrun delays the rest of the clip: find where it went on
+                gap = _resume(heard, clip, at + shift + pos, pos, rate)
+                if gap is not None:
+                    shift += gap
+                    continue
             if not ok:
                 break
             pos += len(c)
             last = pos if c_rms > VOICED_RMS else last
         complete = pos >= len(clip)
-        found.append((at, at + (len(clip) if complete else last), complete))
+        found.append((at, at + shift + (len(clip) if complete else last), complete))
     return sorted(found)
+
+
+def _resume(heard: np.ndarray, clip: np.ndarray, h_pos: int, c_pos: int, rate: int) -> int | None:
+    """Samples (1..RESUME_S) by which the clip's audio from `c_pos` on is delayed in `heard` after `h_pos`, or None."""
+    n = min(len(clip) - c_pos, round(RESUME_LEN_S * rate))
+    part = clip[c_pos : c_pos + n]
+    window = heard[h_pos + 1 : h_pos + 1 + round(RESUME_S * rate) + n]
+    if n < round(FRAME_S * rate) or len(window) < n or np.sqrt(np.mean(part * part)) <= VOICED_RMS:
+        return None
+    corr = np.correlate(window, part, "valid")
+    cum = np.concatenate([[0.0], np.cumsum(window * window)])
+    energy = np.sqrt(np.maximum(cum[n:] - cum[:-n], 0.0))
+    score = corr / (energy * np.linalg.norm(part) + 1e-9)
+    best = int(np.argmax(score))
+    return best + 1 if score[best] >= CLIP_MATCH else None
 
 
 def analyze(result: CallResult, clips: dict[str, np.ndarray]) -> Heard:

@@ -182,6 +182,17 @@ def test_clips_are_told_from_model_speech_by_their_waveform():
     assert segment.start == pytest.approx(5.0 + np.argmax(voiced) * FRAME_S, abs=FRAME_S)
 
 
+def test_a_clip_is_followed_across_an_underrun_in_its_playout():
+    greeting = clip("greeting")
+    stalled = np.concatenate([greeting[:4000], np.zeros(480, np.int16), greeting[4000:]])  # 60 ms gap at 0.5 s
+    result = made_up_call(7.0, [(0.02, stalled)])
+    heard = analyze(result, {"greeting": greeting, "one_moment": clip("one_moment")})
+    [found] = heard.clips
+    assert found.complete and found.start == pytest.approx(0.02, abs=1e-3)
+    assert found.end == pytest.approx(0.02 + (len(greeting) + 480) / RATE, abs=1e-3)
+    assert heard.model_secs(0.0, 7.0) == 0
+
+
 def test_a_smooth_turn_heard_right_passes_every_expectation():
     scenario = scenarios.load("smooth_turn").render(RATE)
     end = scenario.placed["question"].end
