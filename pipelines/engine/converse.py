@@ -38,6 +38,9 @@ RESET_WINDOWS = round(2.0 * VAD_RATE / WINDOW)
 RESET_QUIET_WINDOWS, RESET_MAX_PROB = 5, 0.1
 
 
+YIELD_WINDOW_STEPS = 12  # the yield counts voiced steps in the last 0.96 s: a backchannel has at most 4
+
+
 def steps(seconds: float) -> int:
     return round(seconds / STEP_S)
 
@@ -80,7 +83,9 @@ class ConverseAgent:
       and ends after ``turn_end_secs`` of non-speech; the reply starts ``reply_delay_secs`` later. Speech
       resuming before the reply starts continues the same turn, so a pause inside a sentence never
       produces two answers.
-    - While the reply plays, caller speech voiced for ``yield_after_secs`` without a break takes the floor:
+    - While the reply plays, caller speech voiced for ``yield_after_secs`` within the last
+      ``YIELD_WINDOW_STEPS`` takes the floor (commas, and words Silero scores low on a narrowband line,
+      do not restart the count):
       the reply fades out within the step and the interrupting turn (from its onset) is answered when it
       ends. Shorter overlaps are backchannels: they neither stop the reply nor get answered.
     - ``script`` lines play at their step times mixed in, never yield and never count as speaking: they are
@@ -107,6 +112,7 @@ class ConverseAgent:
         self._turn_len = self._voiced_len = 0
         self._answer = False
         self._voiced_run = self._quiet_run = 0
+        self._recent: deque[bool] = deque(maxlen=YIELD_WINDOW_STEPS)  # which of the latest steps were voiced
         # The reply being played, and its pieces by step offset.
         self._reply: np.ndarray | None = None
         self._reply_pos = 0
@@ -133,6 +139,7 @@ class ConverseAgent:
     def _listen(self, frame: np.ndarray, voiced: bool) -> bool:
         """Follow the caller's turn; True when the reply must fade out in this step."""
         fade = False
+        self._recent.append(voiced)
         if voiced and self._turn is None:
             self._turn, self._turn_len = [self._before], LEAD_IN
             self._answer = False
@@ -149,7 +156,7 @@ class ConverseAgent:
             self._voiced_run += 1
             self._quiet_run = 0
             self._voiced_len = self._turn_len
-            if self._voiced_run >= self._yield_after:
+            if sum(self._recent) >= self._yield_after:
                 self._answer = True  # too long for a backchannel: the caller has the floor
                 if self.speaking:
                     fade = True
