@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.engine.reference import EngineOptions
 from pipelines.engine_pool import PoolParams
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, validation_problem
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -81,16 +81,8 @@ class LoadedConfig:
             raise self.from_validation(exc, loc) from None
 
     def from_validation(self, exc: ValidationError, prefix: tuple = ()) -> ConfigError:
-        first = exc.errors()[0]
-        loc = prefix + tuple(first["loc"])
-        problem = first["msg"]
-        if first["type"] == "extra_forbidden":
-            problem = "unknown key"
-        elif first["type"] == "missing":
-            problem = "required key is missing"
-        elif "input" in first and not isinstance(first["input"], (dict, list)):
-            problem += f" (got {first['input']!r})"
-        return self.error(loc, problem)
+        loc, problem = validation_problem(exc)
+        return self.error(prefix + loc, problem)
 
 
 def resolve_path(name: str | os.PathLike) -> Path:

@@ -46,7 +46,7 @@ import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, validation_problem
 
 SCENARIO_DIR = Path(__file__).parent
 AUDIO_DIR = SCENARIO_DIR / "audio"
@@ -372,15 +372,8 @@ def load(path: str | Path) -> Scenario:
         try:
             return model.model_validate(value)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            problem = first["msg"]
-            if first["type"] == "extra_forbidden":
-                problem = "unknown key"
-            elif first["type"] == "missing":
-                problem = "required key is missing"
-            elif "input" in first and not isinstance(first["input"], (dict, list)):
-                problem += f" (got {first['input']!r})"
-            where = loc + tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+            inner, problem = validation_problem(exc)
+            where = loc + tuple(p for p in inner if not (isinstance(p, str) and p.startswith("function-after")))
             raise fail(where, problem) from None
 
     if not isinstance(data, dict):
