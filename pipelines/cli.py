@@ -9,6 +9,7 @@ Configuration errors print one line (file:line: key: problem) and exit with stat
 
 import argparse
 import asyncio
+import re
 import signal
 import sys
 
@@ -50,12 +51,30 @@ LOG_FORMAT = ("<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7
               "<cyan>{name}</cyan>:<cyan>{line}</cyan> - <level>{message}</level>")
 
 
+MAX_LOG_MESSAGE = 4000  # characters of one log message; the rest is cut
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def one_line(record) -> None:
+    """Loguru patcher: what a peer sent (ids, marks, reasons) can neither start a line of its own nor
+    turn text around; control and bidi characters are escaped, and one message is capped."""
+    message = record["message"]
+    if len(message) > MAX_LOG_MESSAGE:
+        message = message[:MAX_LOG_MESSAGE] + f"... ({len(message) - MAX_LOG_MESSAGE} more characters)"
+    record["message"] = _escaped(message)
+    record["extra"]["call_id"] = _escaped(str(record["extra"].get("call_id", "-")))[:200]
+
+
 def _configure_logging() -> None:
-    """Every line names its call (`-` outside one); the level from LOGURU_LEVEL, INFO by default."""
+    """Every line names its call (`-` outside one) and is one line; the level from LOGURU_LEVEL, INFO by default."""
     import os
 
     logger.remove()
-    logger.configure(extra={"call_id": "-"})
+    logger.configure(extra={"call_id": "-"}, patcher=one_line)
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"), format=LOG_FORMAT)
 
 

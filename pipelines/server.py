@@ -289,7 +289,19 @@ class CallServer:
             logger.info(f"call {call.call_id}: ended ({outcome}) after {seconds:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent; {json.dumps(stats)}")
 
     async def _read(self, socket: CallSocket, protocol, call: ActiveCall):
-        """Provider messages into the pipeline until `stop` or the socket closes."""
+        """Provider messages into the pipeline until `stop`; the call ends with its reader, whatever ends it."""
+        try:
+            if await self._read_messages(socket, protocol, call):
+                return
+            reason = "provider socket closed"
+        except Exception:
+            logger.exception(f"call {call.call_id}: reading the provider's messages failed; ending the call")
+            call.log.outcome = call.log.outcome or "error"
+            reason = "reader failed"
+        await call.worker.cancel(reason=reason)
+
+    async def _read_messages(self, socket: CallSocket, protocol, call: ActiveCall) -> bool:
+        """True once the provider's `stop` was queued; False when the socket closed first."""
         worker, log = call.worker, call.log
         async for message in socket.messages():
             for frame in protocol.receive(message):
@@ -300,7 +312,7 @@ class CallServer:
                     log.emit("provider_stop", reason=frame.reason)
                     call.stopped_by_provider = True
                     await worker.queue_frame(EndFrame(reason=f"provider stop: {frame.reason}"))
-                    return
+                    return True
                 elif isinstance(frame, InputDTMFFrame):
                     log.emit("dtmf", digit=frame.button.value)
                 elif isinstance(frame, MarkPlayedFrame):
@@ -309,7 +321,7 @@ class CallServer:
                     await worker.queue_frame(frame, FrameDirection.UPSTREAM)
                     continue
                 await worker.queue_frame(frame)
-        await worker.cancel(reason="provider socket closed")
+        return False
 
     async def _hang_up(self, protocol) -> None:
         """The provider's REST hang-up, where the transport has one configured (off by default)."""

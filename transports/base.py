@@ -108,6 +108,9 @@ class JsonProtocol:
         except Drop as drop:
             self.count(drop.reason, drop.detail)
             return []
+        except Exception as exc:  # a handler bug must cost one message, never the call's reader
+            self.count("handler_error", f"{type(exc).__name__}: {str(exc)[:80]}")
+            return []
 
     def _decode(self, message: str | bytes) -> dict:
         if isinstance(message, (bytes, bytearray, memoryview)):
@@ -119,6 +122,8 @@ class JsonProtocol:
             data = json.loads(message)
         except ValueError as exc:
             raise Drop("invalid_json", str(exc)[:80]) from None
+        except RecursionError:  # nesting no provider uses; json gives up after ~1000 levels
+            raise Drop("too_deep", "nesting beyond the decoder's limit") from None
         if not isinstance(data, dict):
             raise Drop("not_object", type(data).__name__)
         return data

@@ -125,3 +125,19 @@ async def test_malformed_messages_are_dropped_and_the_call_goes_on(server):
     after = await settled(port)
     assert after["dropped_messages"] - before == len(garbage)
     assert after["calls_active"] == 0
+
+
+async def test_ids_with_newlines_cannot_forge_log_lines(tmp_path):
+    """A caller's ids reach the log escaped: a newline and a line shaped like ours stay inside one line."""
+    forged = "x\n2000-01-01 00:00:00.000 | INFO    | call=- | pipelines.server:1 - FORGED-LOG-LINE \u202eevil"
+    port = free_port()
+    env = {**__import__("os").environ, "CALL_RECORDS": str(tmp_path / "records")}
+    with launched(run_command("configs/exotel.yaml", port), port, env=env) as server:
+        result = await place_call(server.url(), np.zeros(8000, np.int16), 8000, seconds=1.0,
+                                  stream_sid="MZ" + forged, call_sid="CA" + forged)
+        await asyncio.sleep(0.5)
+    out = server.proc.stdout.read()
+    assert result.violations == []
+    assert "FORGED-LOG-LINE" in out  # the ids were logged ...
+    assert not [line for line in out.splitlines() if line.startswith("2000-01-01")]  # ... never as lines of their own
+    assert "\u202e" not in out and "\\u202e" in out

@@ -555,11 +555,13 @@ def malformed(sid: str) -> list[tuple[str | bytes, str]]:
         (js({"event": "mark", "stream_sid": sid, "mark": {}}), "missing_mark_name"),
         (js({"event": "dtmf", "stream_sid": sid, "dtmf": {"digit": "Z"}}), "bad_dtmf_digit"),
         (js({"event": "start", "stream_sid": sid, "start": {"stream_sid": sid, "call_sid": "again"}}), "duplicate_start"),
+        ("[" * 10_000 + "]" * 10_000, "too_deep"),  # once a RecursionError that left the call a zombie
+        ('{"event": "media", "media": ' + '{"a": ' * 10_000 + "1" + "}" * 10_001, "too_deep"),
     ]
 
 
 async def test_a_thousand_malformed_messages_are_dropped_counted_and_the_call_goes_on(bridge, engines):
-    """1,000 bad messages of 14 kinds (12 drop reasons) between a call's media messages: each is
+    """1,000 bad messages of 16 kinds (13 drop reasons) between a call's media messages: each is
     dropped and counted (record, metrics, /stats), the first 5 of each reason and every 100th are
     logged with the call id, and the call, like the one beside it, goes on and completes."""
     total, spread = 1000, 40  # over the first 4 s of the call, between its media messages

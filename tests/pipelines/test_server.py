@@ -106,6 +106,33 @@ async def test_closed_socket_without_stop_cancels_the_call(deployment):
         await engine.stop()
 
 
+async def test_a_reader_that_fails_ends_its_call_closes_the_socket_and_frees_the_engine(deployment, monkeypatch):
+    """Whatever breaks while a provider message is handled (here the record refusing caller audio), the
+    call must not live on as a zombie holding its engine: it ends, with outcome `error`."""
+    def full_disk(self, pcm):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipelines.call_log.CallLog.caller_audio", full_disk)
+    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    url = await engine.start()
+    server = await serve(deployment, url)
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel?sample-rate=16000") as ws:
+            await ws.send(json.dumps({"event": "connected"}))
+            await ws.send(json.dumps({"event": "start", "stream_sid": "S", "start": {"stream_sid": "S", "call_sid": "C-reader"}}))
+            await asyncio.sleep(0.5)  # the engine is leased
+            await ws.send(json.dumps({"event": "media", "stream_sid": "S", "media": {"payload": "AAAA" * 800}}))
+            await asyncio.wait_for(ws.wait_closed(), 5)  # the server closed it; the caller never said stop
+        await idle(server)
+        assert server.calls == {} and server.connections == 0
+        assert [c["outcome"] for c in server.recent] == ["error"]
+        await asyncio.sleep(0.2)
+        assert engine.stats.sessions_active == 0
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
 async def test_connection_that_never_starts_is_dropped(deployment, monkeypatch):
     monkeypatch.setattr("pipelines.server.START_TIMEOUT", 0.3)
     server = await serve(deployment, "ws://127.0.0.1:9")

@@ -227,6 +227,31 @@ def test_malformed_after_start_is_dropped_counted_logged(message, reason, warnin
     assert isinstance(frame, InputAudioRawFrame)
 
 
+@pytest.mark.parametrize("message", [
+    "[" * 10_000 + "]" * 10_000,
+    '{"event": "media", "media": ' + '{"a": ' * 10_000 + "1" + "}" * 10_001,
+])
+def test_nesting_beyond_the_decoder_is_dropped_and_the_call_goes_on(message, warnings):
+    proto = started()
+    assert proto.receive(message) == []
+    assert proto.dropped == {"too_deep": 1}
+    [frame] = proto.receive(media_msg(speech(320)))
+    assert isinstance(frame, InputAudioRawFrame)
+
+
+def test_a_handler_that_raises_costs_one_message_not_the_call(warnings):
+    class Faulty(ExotelProtocol):
+        _handlers = {**ExotelProtocol._handlers, "dtmf": lambda self, data: 1 / 0}
+
+    proto = Faulty(ExotelParams())
+    proto.receive(start_msg())
+    assert proto.receive(json.dumps({"event": "dtmf", "dtmf": {"digit": "1"}})) == []
+    assert proto.dropped == {"handler_error": 1}
+    assert any("handler_error" in w and "ZeroDivisionError" in w for w in warnings), warnings
+    [frame] = proto.receive(media_msg(speech(320)))
+    assert isinstance(frame, InputAudioRawFrame)
+
+
 def start_without(field: str) -> str:
     msg = json.loads(start_msg())
     msg["start"].pop(field)
