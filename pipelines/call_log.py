@@ -5,7 +5,8 @@ The server reports what comes from the provider. The output reports what it sent
 started. The events, and their fields besides `t`:
 
     call_started      call_id, provider, sample_rate, custom_parameters, started_at (UTC ISO-8601)
-    malformed         reason, count (running count for that reason)
+    malformed         reason, count (running count for that reason): like the log, the first 5 of
+                      each reason, then every 100th; call_ended's `dropped` has the full counts
     dtmf              digit
     mark_played       mark
     provider_stop     reason
@@ -42,7 +43,12 @@ started. The events, and their fields besides `t`:
     apology           reason: the call ends with the apology clip (engine failure or drain)
     error             message
     draining          deadline_secs
-    call_ended        outcome, seconds, dropped (reason -> count), stats (per processor)
+    record_truncated  max_bytes, written_bytes: the record reached `records.max_call_bytes`; only
+                      call_ended follows
+    call_ended        outcome, seconds, dropped (reason -> count), stats (per processor);
+                      lines_dropped (events, transcript lines) after a record_truncated
+
+Every field is capped and escaped by the record (`pipelines/records.py`), whoever sent it.
 
 Barge-in latency counts from the later of the caller's speech onset and the bot becoming audible:
 a caller who was already talking when the bot began did not wait for the bot while talking before
@@ -57,7 +63,8 @@ from dataclasses import dataclass
 from loguru import logger
 
 from pipelines.metrics import Metrics
-from pipelines.records import CallRecord, record_dir
+from pipelines.records import MAX_CALL_BYTES, CallRecord, record_dir
+from transports.base import LOG_EVERY, LOG_FIRST
 
 
 @dataclass
@@ -73,8 +80,9 @@ class _Decision:
 
 class CallLog:
     def __init__(self, call, metrics: Metrics | None = None, records_dir: str | None = None, audio: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
-        """`clock`: seconds, monotonic; a test steps its own to check latencies exactly."""
+                 clock: Callable[[], float] = time.monotonic, max_bytes: int | None = MAX_CALL_BYTES):
+        """`clock`: seconds, monotonic; a test steps its own to check latencies exactly.
+        `max_bytes`: the record's events and transcript (None: no cap)."""
         self.call_id = call.call_id or call.stream_id
         self._clock = clock
         self._t0 = clock()
@@ -101,7 +109,8 @@ class CallLog:
         started = datetime.datetime.now(datetime.timezone.utc)
         if records_dir:
             try:
-                self._record = CallRecord(record_dir(records_dir, self.call_id, started), call.sample_rate, audio)
+                self._record = CallRecord(record_dir(records_dir, self.call_id, started), call.sample_rate, audio,
+                                          max_bytes)
             except OSError as exc:  # a full disk must not take calls down
                 logger.error(f"call {self.call_id}: cannot write its record under {records_dir}: {exc}")
         self.emit("call_started", call_id=self.call_id, provider=call.provider, sample_rate=call.sample_rate,
@@ -126,9 +135,11 @@ class CallLog:
     # ---- from the provider side -----------------------------------------------------------
 
     def malformed(self, reason: str, count: int) -> None:
+        """Counted each time; recorded as the log does it, so a flood of bad messages cannot flood the record."""
         if self._metrics:
             self._metrics.malformed.labels(reason).inc()
-        self.emit("malformed", reason=reason, count=count)
+        if count <= LOG_FIRST or count % LOG_EVERY == 0:
+            self.emit("malformed", reason=reason, count=count)
 
     def caller_audio(self, pcm: bytes) -> None:
         if self._record and self._record.audio:

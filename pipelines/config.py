@@ -55,6 +55,11 @@ class RecordsConfig(_Strict):
 
     dir: str | None = Field(None, description="records go to DIR/<start time>-<call id>/ (relative to the working directory)")
     audio: bool = Field(False, description="also write audio.wav: caller left, bot right")
+    max_call_bytes: int | None = Field(5 * 1024 * 1024, ge=64 * 1024, description=(
+        "events.jsonl + transcript.txt of one call stop here (a record_truncated event, then only call_ended); "
+        "null: no cap. audio.wav grows with the call (4 bytes a frame), up to the WAV format's 4 GiB"))
+    keep_days: float | None = Field(None, gt=0, description="delete call records older than this (at start, then hourly)")
+    max_total_mb: float | None = Field(None, gt=0, description="delete the oldest call records beyond this total (at start, then hourly)")
 
 
 class DeploymentConfig(_Strict):

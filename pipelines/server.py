@@ -33,6 +33,7 @@ from pipelines.call_log import DRAIN_REASON, CallLog
 from pipelines.call_observer import CallObserver
 from pipelines.engine_pool import EnginePools
 from pipelines.metrics import Metrics
+from pipelines.records import Retention
 from processors.frames import EngineFailedFrame
 from transports.base import HttpRequest
 from transports.call_output import CallOutput
@@ -88,6 +89,7 @@ class CallServer:
         self.records = cfg.records
         self.drain_secs = cfg.server.drain_secs
         self._runner: web.AppRunner | None = None
+        self._retention = Retention.of(cfg.records)  # old call records deleted at start, then hourly
 
     async def start(self):
         app = web.Application(client_max_size=1024 * 1024)
@@ -103,6 +105,7 @@ class CallServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
+        self._retention.start()
         self.port = self._runner.addresses[0][1]
 
     async def stop(self):
@@ -112,6 +115,7 @@ class CallServer:
                 await call.worker.cancel(reason="server stopping")
         if self._runner:
             await self._runner.cleanup()
+        await self._retention.stop()
         await self.engines.close()
 
     async def drain(self) -> None:
@@ -245,7 +249,7 @@ class CallServer:
 
     async def _run_call(self, socket: CallSocket, protocol, started: CallStartedFrame):
         call_info = started.call
-        log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio)
+        log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio, max_bytes=self.records.max_call_bytes)
         call = ActiveCall(log.call_id, call_info.provider, log)
         protocol.on_drop = log.malformed
         with logger.contextualize(call_id=call.call_id):
