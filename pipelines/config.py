@@ -30,6 +30,9 @@ class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(5050, ge=0, le=65535)
     drain_secs: float = Field(30.0, gt=0, description="on SIGTERM, how long active calls may run on before the apology")
+    header_timeout_secs: float = Field(10.0, gt=0, description="a connection must have sent a whole HTTP request by then (slow or silent sockets are closed)")
+    send_timeout_secs: float = Field(5.0, gt=0, description="a caller whose socket takes no data this long is cut (it stopped reading)")
+    media_timeout_secs: float = Field(5.0, gt=0, description="a call with no caller media this long ends (`caller_silent`): providers stream silence too")
 
 
 class TransportConfig(_Strict):
@@ -55,7 +58,7 @@ class RecordsConfig(_Strict):
 
     dir: str | None = Field(None, description="records go to DIR/<start time>-<call id>/ (relative to the working directory)")
     audio: bool = Field(False, description="also write audio.wav: caller left, bot right")
-    max_call_bytes: int | None = Field(5 * 1024 * 1024, ge=64 * 1024, description=(
+    max_call_bytes: int | None = Field(5 * 1024 * 1024, ge=128 * 1024, description=(
         "events.jsonl + transcript.txt of one call stop here (a record_truncated event, then only call_ended); "
         "null: no cap. audio.wav grows with the call (4 bytes a frame), up to the WAV format's 4 GiB"))
     keep_days: float | None = Field(None, gt=0, description="delete call records older than this (at start, then hourly)")

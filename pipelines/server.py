@@ -17,6 +17,7 @@ id (`logger.contextualize`, inherited by every task the call's pipeline creates)
 
 import asyncio
 import json
+import socket as socketlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from transports.frames import CallStartedFrame, CallStoppedFrame, MarkPlayedFram
 from transports.socket import CallSocket
 
 START_TIMEOUT = 10.0  # Exotel gives a bot 10 s; a connection that never starts a call is dropped
-MAX_FRAME = 4 * 1024 * 1024  # protocol objects drop messages over their own, smaller limit
+MAX_FRAME = 1024 * 1024  # above every transport's own limit (<= 145 kB by default), which drops and counts a larger message; only beyond this does aiohttp close the socket
 RECENT_CALLS = 50  # finished calls whose processor stats /stats keeps
 HANGUP_TIMEOUT = 5.0
 DRAIN_FINISH_SECS = 15  # seconds after the drain deadline for the apology to play and sockets to close
@@ -88,6 +89,7 @@ class CallServer:
         cfg = deployment.loaded.config
         self.records = cfg.records
         self.drain_secs = cfg.server.drain_secs
+        self.timeouts = cfg.server  # header_timeout_secs, send_timeout_secs, media_timeout_secs
         self._runner: web.AppRunner | None = None
         self._retention = Retention.of(cfg.records)  # old call records deleted at start, then hourly
 
@@ -101,7 +103,10 @@ class CallServer:
         for path, route in transport.protocol.routes(self.deployment.transport_params).items():
             app.router.add_route("*", path, self._route(route))
         app.router.add_get(self.path, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        # aiohttp's keep-alive timer also closes a connection that has not sent a whole request
+        # (its default is an hour: slowloris and silent sockets would hold descriptors that long)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                     keepalive_timeout=self.timeouts.header_timeout_secs)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -215,7 +220,8 @@ class CallServer:
         if not ws.can_prepare(request).ok:
             return web.Response(status=426, text=f"{self.path} serves WebSocket calls only\n")
         await ws.prepare(request)
-        socket = CallSocket(ws)
+        _bound_send_buffer(request.transport)
+        socket = CallSocket(ws, self.timeouts.send_timeout_secs, request.transport)
         self.connections += 1
         protocol = self.deployment.new_protocol(dict(request.query))
         protocol.on_drop = lambda reason, count: self.metrics.malformed.labels(reason).inc()
@@ -239,7 +245,7 @@ class CallServer:
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 async for message in socket.messages():
-                    for frame in protocol.receive(message):
+                    for frame in protocol.receive(message, now=asyncio.get_running_loop().time()):
                         if isinstance(frame, CallStartedFrame):
                             return frame
         except TimeoutError:
@@ -285,6 +291,9 @@ class CallServer:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
             await socket.close()
+            if socket.stalled:
+                logger.warning(f"call {call.call_id}: the caller stopped reading for {self.timeouts.send_timeout_secs:g} s; cut")
+                call.log.outcome = call.log.outcome or "caller_stalled"
             stats = call_stats(processors, output)
             outcome = call.log.end(outcome, protocol.dropped, stats)
             seconds = time.monotonic() - call.started
@@ -298,6 +307,12 @@ class CallServer:
             if await self._read_messages(socket, protocol, call):
                 return
             reason = "provider socket closed"
+        except TimeoutError:
+            secs = self.timeouts.media_timeout_secs
+            logger.warning(f"call {call.call_id}: no caller media for {secs:g} s; ending the call")
+            call.log.emit("caller_silent", secs=secs)
+            call.log.outcome = call.log.outcome or "caller_silent"
+            reason = "caller silent"
         except Exception:
             logger.exception(f"call {call.call_id}: reading the provider's messages failed; ending the call")
             call.log.outcome = call.log.outcome or "error"
@@ -305,11 +320,19 @@ class CallServer:
         await call.worker.cancel(reason=reason)
 
     async def _read_messages(self, socket: CallSocket, protocol, call: ActiveCall) -> bool:
-        """True once the provider's `stop` was queued; False when the socket closed first."""
+        """True once the provider's `stop` was queued; False when the socket closed first; TimeoutError
+        when no media came for media_timeout_secs (providers stream silence, so that is a dead caller)."""
+        wait = self.timeouts.media_timeout_secs
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(wait) as media_deadline:
+            return await self._feed(socket, protocol, call, lambda: media_deadline.reschedule(loop.time() + wait))
+
+    async def _feed(self, socket: CallSocket, protocol, call: ActiveCall, on_media) -> bool:
         worker, log = call.worker, call.log
         async for message in socket.messages():
-            for frame in protocol.receive(message):
+            for frame in protocol.receive(message, now=asyncio.get_running_loop().time()):
                 if isinstance(frame, InputAudioRawFrame):
+                    on_media()
                     log.caller_audio(frame.audio)
                 elif isinstance(frame, CallStoppedFrame):
                     logger.info(f"call {protocol.call_id}: provider stop ({frame.reason or 'no reason'})")
@@ -343,6 +366,17 @@ class CallServer:
                     self.totals["rest_hangups"] += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
             logger.warning(f"call {protocol.call_id}: REST hang-up failed: {exc!r}")
+
+
+SEND_BUFFER_BYTES = 64 * 1024  # a call sends < 50 kB/s and keeps ~0.2 s ahead: more is a peer not reading
+
+
+def _bound_send_buffer(transport) -> None:
+    """A small kernel send buffer per call: a peer that stops reading blocks our sends within seconds
+    (then send_timeout_secs cuts it) instead of parking megabytes of audio in the kernel first."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
 def _request_info(request: web.Request, form: dict[str, str]) -> HttpRequest:

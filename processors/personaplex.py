@@ -1,9 +1,9 @@
 """PersonaPlex speech-to-speech: caller audio in, the model's continuous speech and text out.
 
 The server is input-clocked (no audio in, no audio out), eats everything sent before its 0x00
-handshake, and has no keepalive or error message (docs/personaplex-protocol.md §3-§6). So this
-processor streams every caller frame once the handshake is in, starts one Ogg-Opus writer per
-session whose first page goes first, and treats a close, an error or an engine that stays silent
+handshake, and has no keepalive or error message. So this processor opens the session (leasing an
+engine) with the call's first audio, streams every caller frame once the handshake is in, starts
+one Ogg-Opus writer per session whose first page goes first, and treats a close, an error or an engine that stays silent
 while audio flows as a failure: an ErrorFrame upstream, an EngineFailedFrame downstream (the
 holding messages answer it with an apology), then a graceful end of the call.
 """
@@ -91,6 +91,7 @@ class PersonaPlexProcessor(FrameProcessor):
         self._writer: OpusUplinkWriter | None = None
         self._reader: sphn.OpusStreamReader | None = None
         self._session_task: asyncio.Task | None = None
+        self._persona: Persona | None = None  # chosen at the call's start; the session opens with its first audio
         self._watchdog_task: asyncio.Task | None = None
         self._call_id = "unknown"
         self._closing = False
@@ -121,13 +122,15 @@ class PersonaPlexProcessor(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, InputAudioRawFrame):
+            if self._session_task is None and self._persona is not None and not self._closing:
+                # The engine is leased once media flows: a socket that only says `start` holds none.
+                self._session_task = self.create_task(self._run_session(self._persona), name=f"personaplex-{self._call_id}")
             await self._send_audio(frame)
             return
         if isinstance(frame, StartFrame):
             call = frame.metadata.get("call", {})
             self._call_id = call.get("call_id") or self._call_id
-            persona = self.persona_for(call.get("custom_parameters") or {})
-            self._session_task = self.create_task(self._run_session(persona), name=f"personaplex-{self._call_id}")
+            self._persona = self.persona_for(call.get("custom_parameters") or {})
         elif isinstance(frame, (EndFrame, CancelFrame)):
             await self._close()
         await self.push_frame(frame, direction)

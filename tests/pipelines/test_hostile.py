@@ -1,0 +1,144 @@
+"""Peers that do not behave, against an in-process server over loopback: none may hold a socket, a call
+or an engine past its deadline. Deadlines are set short here; every loop is bounded."""
+
+import asyncio
+import json
+import socket
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import websockets
+
+from pipelines import builder, config
+from pipelines.engine import EngineOptions, ReferenceEngine
+from pipelines.engine_pool import EnginePools
+from pipelines.server import CallServer
+
+DEPLOYMENT = """
+server: {header_timeout_secs: 1.0, send_timeout_secs: 1.0, media_timeout_secs: 1.0}
+transport: {type: exotel, params: {path: /exotel}}
+records: {dir: RECORDS}
+processors:
+  - type: resample
+    params: {audio: input, rate: 24000}
+  - type: personaplex
+  - type: resample
+    params: {audio: output, rate: call}
+"""
+
+
+@pytest.fixture
+async def served(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(tmp_path / "records")))
+    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    url = await engine.start()
+    server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(url), "127.0.0.1", 0)
+    await server.start()
+    yield server, engine
+    await server.stop()
+    await engine.stop()
+
+
+async def gone(server, secs: float) -> bool:
+    """True once the server holds no call or connection, waiting at most `secs`."""
+    deadline = time.monotonic() + secs
+    while (server.calls or server.connections) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return not server.calls and not server.connections
+
+
+def start(sid: str) -> str:
+    return json.dumps({"event": "start", "stream_sid": sid, "start": {"stream_sid": sid, "call_sid": sid}})
+
+
+def media(sid: str, rate: int = 8000) -> str:
+    return json.dumps({"event": "media", "stream_sid": sid, "media": {"payload": "AAAA" * (rate // 20)}})
+
+
+async def closed_by_server(reader: asyncio.StreamReader, secs: float) -> bool:
+    """EOF, or a reset (our later writes hit a socket the server had closed), within `secs`."""
+    try:
+        while await asyncio.wait_for(reader.read(4096), secs):
+            pass
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_slow_and_silent_http_connections_are_closed_at_the_header_deadline(served):
+    server, _ = served
+    opened = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+    slow = opened[:3]
+    for _, writer in slow:
+        writer.write(b"GET /exotel HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(4):  # one more header line every 0.5 s: never a whole request
+        await asyncio.sleep(0.5)
+        for _, writer in slow:
+            if not writer.is_closing():
+                writer.write(b"X-Slow: 1\r\n")
+    results = await asyncio.gather(*(closed_by_server(reader, 3.0) for reader, _ in opened))
+    assert results == [True] * 5
+    for _, writer in opened:
+        writer.close()
+
+
+async def test_a_start_without_media_leases_no_engine_and_ends_as_caller_silent(served, tmp_path):
+    server, engine = served
+    async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel") as ws:
+        await ws.send(json.dumps({"event": "connected"}))
+        await ws.send(start("squat"))
+        await asyncio.wait_for(ws.wait_closed(), 4.0)
+    assert await gone(server, 2.0)
+    assert engine.stats.connections == 0  # the pool was never touched
+    assert [c["outcome"] for c in server.recent] == ["caller_silent"]
+
+
+async def test_media_that_stops_mid_call_ends_the_call_and_frees_the_engine(served, tmp_path):
+    server, engine = served
+    async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel") as ws:
+        await ws.send(json.dumps({"event": "connected"}))
+        await ws.send(start("quiet"))
+        for _ in range(10):
+            await ws.send(media("quiet"))
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(ws.wait_closed(), 4.0)
+    assert await gone(server, 2.0)
+    await asyncio.sleep(0.2)
+    assert engine.stats.sessions_started == 1 and engine.stats.sessions_active == 0
+    assert [c["outcome"] for c in server.recent] == ["caller_silent"]
+    [record] = (tmp_path / "records").iterdir()
+    events = [json.loads(line)["event"] for line in (record / "events.jsonl").read_text().splitlines()]
+    assert "caller_silent" in events and events[-1] == "call_ended"
+
+
+async def test_a_caller_that_never_reads_is_cut_and_frees_the_engine(served):
+    server, engine = served
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    cut = False
+    async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel?sample-rate=16000", sock=sock, max_queue=1) as ws:
+        await ws.send(json.dumps({"event": "connected"}))
+        await ws.send(start("deaf"))
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:  # streams like a caller, never reads a byte
+            try:
+                await ws.send(media("deaf", 16000))
+            except websockets.ConnectionClosed:
+                cut = True
+                break
+            if server.totals["calls_total"] and not server.calls:
+                cut = True
+                break
+            await asyncio.sleep(0.1)
+    assert cut
+    assert await gone(server, 3.0)
+    await asyncio.sleep(0.2)
+    assert engine.stats.sessions_active == 0
+    assert [c["outcome"] for c in server.recent] == ["caller_stalled"]
