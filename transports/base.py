@@ -16,12 +16,54 @@ from typing import Any
 
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
+from pydantic import BaseModel, ConfigDict, Field
 from pipecat.frames.frames import Frame, InputAudioRawFrame, InputDTMFFrame
 
 from transports.frames import CallInfo, CallStoppedFrame, MarkPlayedFrame
 
 LOG_FIRST = 5
 LOG_EVERY = 100
+ENVELOPE_BYTES = 4096  # JSON around a media payload: ids, sequence numbers, timestamps
+
+
+def base64_len(n: int) -> int:
+    """Characters of base64 for n bytes: what a payload of n bytes costs on the wire."""
+    return (n + 2) // 3 * 4
+
+
+class RateLimit(BaseModel):
+    """Per-call ceilings on what a peer may make us decode and play into the pipeline.
+
+    Sized far above any real provider's cadence, so a real call never meets them; a flood costs one
+    counted drop per excess message instead of the event loop's time (issue 14: one 1 MB message
+    once stalled every call for 0.7 s). Buckets hold `burst_secs` of each rate, and always at least
+    one largest legal message, so jitter that bunches messages up is never mistaken for a flood.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages_per_sec: float = Field(250.0, gt=0, description="messages a call may send per second, any kind")
+    bytes_per_sec: float = Field(2_000_000.0, gt=0, description=(
+        "message bytes per second we agree to decode; bounds JSON/base64 work (about 1 ms per MB)"))
+    audio_speed: float = Field(4.0, gt=0, description=(
+        "seconds of caller audio accepted per second of call time (real time is 1); bounds the pipeline's work"))
+    burst_secs: float = Field(2.0, gt=0, description="bucket depth, in seconds of each rate")
+
+
+class TokenBucket:
+    """Refills at `rate` per second up to `capacity`; the time comes from the caller (pure code)."""
+
+    def __init__(self, rate: float, capacity: float):
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.last: float | None = None
+
+    def refill(self, now: float) -> None:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        if self.last is None or now > self.last:
+            self.last = now
 
 
 class Drop(Exception):
@@ -83,8 +125,16 @@ class JsonProtocol:
     type_key = "event"
     _handlers: dict = {}
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, rate_limit: RateLimit | None = None):
         self.max_message_bytes = max_message_bytes
+        self.rate_limit = rate_limit
+        if rate_limit is not None:
+            depth = rate_limit.burst_secs
+            self._messages = TokenBucket(rate_limit.messages_per_sec, max(1.0, rate_limit.messages_per_sec * depth))
+            self._bytes = TokenBucket(rate_limit.bytes_per_sec, max(max_message_bytes, rate_limit.bytes_per_sec * depth))
+            # one largest message of base64 μ-law at 8 kHz: the most audio a legal message can carry
+            most_audio = max_message_bytes * 3 / 4 / 8000
+            self._audio = TokenBucket(rate_limit.audio_speed, max(most_audio, rate_limit.audio_speed * depth))
         self.call: CallInfo | None = None
         self.dropped: collections.Counter[str] = collections.Counter()
         self.on_drop = None  # the server's callback(reason, count): metrics and the call record
@@ -94,17 +144,24 @@ class JsonProtocol:
         """Identity used in logs: the call id once the call started."""
         return self.call.call_id if self.call else "unknown"
 
-    def receive(self, message: str | bytes) -> list[Frame]:
-        """Translate one WebSocket message; malformed ones are dropped, counted and logged."""
+    def receive(self, message: str | bytes, now: float | None = None) -> list[Frame]:
+        """Translate one WebSocket message; malformed ones are dropped, counted and logged.
+
+        `now` (seconds, any monotonic clock; the server passes its loop time) enables the rate
+        limit; without it only the size limit applies.
+        """
         try:
-            data = self._decode(message)
+            data = self._decode(message, now)
             kind = data.get(self.type_key)
             if not isinstance(kind, str) or not kind:
                 raise Drop(f"missing_{self.type_key}", f"keys={sorted(data)[:8]}")
             handler = self._handlers.get(kind)
             if handler is None:
                 raise Drop(f"unknown_{self.type_key}", repr(kind[:40]))
-            return handler(self, data)
+            frames = handler(self, data)
+            if now is not None and self.rate_limit is not None:
+                self._admit_audio(frames, now)
+            return frames
         except Drop as drop:
             self.count(drop.reason, drop.detail)
             return []
@@ -112,12 +169,26 @@ class JsonProtocol:
             self.count("handler_error", f"{type(exc).__name__}: {str(exc)[:80]}")
             return []
 
-    def _decode(self, message: str | bytes) -> dict:
+    def _decode(self, message: str | bytes, now: float | None = None) -> dict:
+        """Size and rate checks first, in O(1) for ASCII text: nothing is decoded before both pass."""
+        admit = now is not None and self.rate_limit is not None
+        if admit:
+            self._messages.refill(now)
+            if self._messages.tokens < 1:
+                raise Drop("rate_limited", f"over {self.rate_limit.messages_per_sec:g} messages/s")
+            self._messages.tokens -= 1
         if isinstance(message, (bytes, bytearray, memoryview)):
             raise Drop("binary_frame", f"{len(message)} bytes")
-        size = len(message.encode("utf-8", "surrogatepass"))
+        if len(message) > self.max_message_bytes:  # UTF-8 is never shorter than the characters
+            raise Drop("too_large", f"{len(message)}+ bytes > {self.max_message_bytes}")
+        size = len(message) if message.isascii() else len(message.encode("utf-8", "surrogatepass"))
         if size > self.max_message_bytes:
             raise Drop("too_large", f"{size} bytes > {self.max_message_bytes}")
+        if admit:
+            self._bytes.refill(now)
+            if self._bytes.tokens < size:
+                raise Drop("rate_limited", f"{size} bytes, over {self.rate_limit.bytes_per_sec:g} bytes/s")
+            self._bytes.tokens -= size
         try:
             data = json.loads(message)
         except ValueError as exc:
@@ -127,6 +198,16 @@ class JsonProtocol:
         if not isinstance(data, dict):
             raise Drop("not_object", type(data).__name__)
         return data
+
+    def _admit_audio(self, frames: list[Frame], now: float) -> None:
+        """Caller audio faster than `audio_speed` x real time is dropped before the pipeline sees it."""
+        seconds = sum(len(f.audio) / 2 / f.sample_rate for f in frames if isinstance(f, InputAudioRawFrame))
+        if not seconds:
+            return
+        self._audio.refill(now)
+        if self._audio.tokens < seconds:
+            raise Drop("rate_limited", f"{seconds:.2f} s of audio, over {self.rate_limit.audio_speed:g}x real time")
+        self._audio.tokens -= seconds
 
     def count(self, reason: str, detail: str = "") -> None:
         self.dropped[reason] += 1

@@ -39,7 +39,7 @@ from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from processors.frames import HOLDING_CONTEXT, EngineFailedFrame
-from transports.base import Drop, HttpReply, HttpRequest, JsonProtocol, audio_frame, dump
+from transports.base import ENVELOPE_BYTES, Drop, RateLimit, base64_len, HttpReply, HttpRequest, JsonProtocol, audio_frame, dump
 from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
 
 PAGE_DIR = Path(__file__).parent / "browser_page"
@@ -60,7 +60,12 @@ class BrowserParams(BaseModel):
     chunk_ms: int = Field(40, ge=10, le=1000, description="audio per message, both directions; a multiple of 10 ms")
     prebuffer_ms: int = Field(80, ge=0, le=2000, description="the page starts playing once this much is queued")
     max_buffer_ms: int = Field(2000, ge=100, description="the page drops the oldest audio beyond this backlog")
-    max_message_bytes: int = Field(256_000, gt=0)
+    max_message_bytes: int | None = Field(None, gt=0, description=(
+        "inbound messages over this are dropped undecoded; default: two audio chunks, base64, plus 16 KiB "
+        "for `init` parameters and typed `text`"))
+    rate_limit: RateLimit | None = Field(
+        default_factory=lambda: RateLimit(messages_per_sec=250, bytes_per_sec=500_000),
+        description="per-call ceilings: 2.5x the page's cadence at chunk_ms=10, ~8x its bytes at 24 kHz; null: none")
     allowed_origins: list[str] = Field(default_factory=list, description=(
         "origins (scheme://host[:port]) besides the page's own whose pages may open the WebSocket; '*': any"))
 
@@ -77,6 +82,14 @@ class BrowserParams(BaseModel):
         if value % 10:
             raise ValueError(f"must be a multiple of 10 ms, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _message_limit(self) -> "BrowserParams":
+        """The page sends one chunk_ms of PCM16 per audio message; room for two, and for text."""
+        if self.max_message_bytes is None:
+            chunk = self.sample_rate * self.chunk_ms // 1000 * 2
+            self.max_message_bytes = 2 * base64_len(chunk) + 4 * ENVELOPE_BYTES
+        return self
 
     @model_validator(mode="after")
     def _distinct(self) -> "BrowserParams":
@@ -98,7 +111,7 @@ class BrowserProtocol(JsonProtocol):
     type_key = "type"
 
     def __init__(self, params: BrowserParams, query: Mapping[str, str] | None = None):
-        super().__init__(params.max_message_bytes)
+        super().__init__(params.max_message_bytes, params.rate_limit)
         self.params = params
         self.query = {str(k): str(v)[:MAX_ID] for k, v in (query or {}).items()}
         self._ended = False

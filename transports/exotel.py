@@ -13,15 +13,18 @@ from typing import Any, Literal
 
 from loguru import logger
 from pipecat.frames.frames import Frame
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from transports.base import Drop, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
+from transports.base import ENVELOPE_BYTES, Drop, JsonProtocol, RateLimit, audio_frame, base64_len, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
 
 SUPPORTED_RATES = (8000, 16000, 24000)
 DEFAULT_RATE = 8000  # Exotel's documented default when ?sample-rate= is absent
 PACKET_BYTES = 320  # Exotel plays 320-byte packets; any other size leaves gaps (doc §1.7)
 DOC_MAX_CHUNK_BYTES = 100_000
+# The largest inbound message the platform may send: a 100 KB payload (read as KiB, to be safe),
+# base64, in its JSON envelope. Anything larger is refused before it is decoded.
+MAX_MESSAGE_BYTES = base64_len(102_400) + ENVELOPE_BYTES
 MULAW_NAMES = ("mulaw", "mu-law", "ulaw", "pcmu")
 
 
@@ -34,7 +37,10 @@ class ExotelParams(BaseModel):
     sample_rate: Literal[8000, 16000, 24000] | None = None
     min_chunk_bytes: int = 3200
     max_chunk_bytes: int = DOC_MAX_CHUNK_BYTES
-    max_message_bytes: int = 1_000_000
+    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, description=(
+        "inbound messages over this many bytes are dropped undecoded; default: a 100 KB chunk, base64, in JSON"))
+    rate_limit: RateLimit | None = Field(default_factory=RateLimit, description=(
+        "per-call ceilings far above Exotel's ~10 media messages/s of at most 64 kB/s (24 kHz); null: none"))
     key_style: Literal["snake", "camel"] = "snake"
 
     @model_validator(mode="after")
@@ -90,7 +96,7 @@ class ExotelProtocol(JsonProtocol):
     name = "exotel"
 
     def __init__(self, params: ExotelParams, query: Mapping[str, str] | None = None):
-        super().__init__(params.max_message_bytes)
+        super().__init__(params.max_message_bytes, params.rate_limit)
         self.params = params
         self.query = dict(query or {})
         self._chunk = 0  # wire bytes per outbound media message, fixed at start

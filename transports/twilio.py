@@ -16,7 +16,7 @@ from loguru import logger
 from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from transports.base import Drop, HttpRequest, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
+from transports.base import Drop, RateLimit, HttpRequest, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
 from transports.twilio_http import check_upgrade, twiml_endpoint
 
@@ -39,7 +39,12 @@ class TwilioParams(BaseModel):
     parameters: dict[str, str] = Field(default_factory=dict, description="<Parameter>s sent with every stream")
     forward_query: bool = Field(True, description="webhook query parameters (e.g. ?persona=sales) become <Parameter>s")
     chunk_ms: int = Field(40, ge=20, le=1000, description="bot audio per media message; a multiple of 20 ms")
-    max_message_bytes: int = Field(1_000_000, gt=0)
+    max_message_bytes: int = Field(16_384, gt=0, description=(
+        "inbound messages over this are dropped undecoded; media are ~0.4 kB (160 B of μ-law), `start` grows "
+        "with <Parameter>s (each under 500 characters)"))
+    rate_limit: RateLimit | None = Field(
+        default_factory=lambda: RateLimit(messages_per_sec=250, bytes_per_sec=200_000),
+        description="per-call ceilings: 5x Twilio's 50 media messages/s, 10x their ~20 kB/s; null: none")
 
     @field_validator("path", "twiml_path")
     @classmethod
@@ -77,7 +82,7 @@ class TwilioProtocol(JsonProtocol):
     name = "twilio"
 
     def __init__(self, params: TwilioParams, query: dict[str, str] | None = None):
-        super().__init__(params.max_message_bytes)
+        super().__init__(params.max_message_bytes, params.rate_limit)
         self.params = params
 
     # ---- inbound -------------------------------------------------------------
