@@ -33,6 +33,9 @@ class ServerConfig(_Strict):
     header_timeout_secs: float = Field(10.0, gt=0, description="a connection must have sent a whole HTTP request by then (slow or silent sockets are closed)")
     send_timeout_secs: float = Field(5.0, gt=0, description="a caller whose socket takes no data this long is cut (it stopped reading)")
     media_timeout_secs: float = Field(5.0, gt=0, description="a call with no caller media this long ends (`caller_silent`): providers stream silence too")
+    ops_host: str = Field("127.0.0.1", description="where ops_port listens")
+    ops_port: int | None = Field(None, ge=0, le=65535, description="/stats (call ids, records, engine URLs) served here only; "
+                                 "unset: /stats on the call port answers loopback peers without a proxy header only")
 
 
 class TransportConfig(_Strict):

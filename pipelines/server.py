@@ -8,8 +8,11 @@ A transport may add HTTP endpoints (Twilio's TwiML, the browser page) and refuse
 adapts aiohttp to them.
 
 Operations: `GET /healthz` (the loop answers), `GET /readyz` (an engine is in rotation and the
-server is not draining), `GET /metrics` (Prometheus), `GET /stats` (live calls, engines, recent
-calls as JSON). `drain()` (SIGTERM) refuses new calls and reports not ready. Active calls then
+server is not draining), `GET /metrics` (Prometheus: counts and latencies, no identities), `GET
+/stats` (live calls, engines, recent calls as JSON: call ids, record paths, engine URLs, personas).
+/stats lives on `server.ops_port` when one is set (bind it to a private interface); without one,
+the call port answers it only to loopback peers that came through no proxy. `drain()` (SIGTERM)
+refuses new calls and reports not ready. Active calls then
 have `server.drain_secs` to end on their own; any still running get the apology clip and a clean
 close, and all are gone by DRAIN_FINISH_SECS later. Log lines logged on a call's behalf carry its
 id (`logger.contextualize`, inherited by every task the call's pipeline creates).
@@ -91,11 +94,14 @@ class CallServer:
         self.drain_secs = cfg.server.drain_secs
         self.timeouts = cfg.server  # header_timeout_secs, send_timeout_secs, media_timeout_secs
         self._runner: web.AppRunner | None = None
+        self._ops_runner: web.AppRunner | None = None
+        self.ops_port: int | None = None
         self._retention = Retention.of(cfg.records)  # old call records deleted at start, then hourly
 
     async def start(self):
         app = web.Application(client_max_size=1024 * 1024)
-        app.router.add_get("/stats", self._stats)
+        if self.timeouts.ops_port is None:
+            app.router.add_get("/stats", self._local_stats)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -112,6 +118,21 @@ class CallServer:
         await site.start()
         self._retention.start()
         self.port = self._runner.addresses[0][1]
+        if self.timeouts.ops_port is not None:
+            await self._start_ops()
+
+    async def _start_ops(self):
+        """/stats (and the probes and metrics again) on their own listener, for operators only."""
+        app = web.Application()
+        app.router.add_get("/stats", self._stats)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._ops_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                         keepalive_timeout=self.timeouts.header_timeout_secs)
+        await self._ops_runner.setup()
+        await web.TCPSite(self._ops_runner, self.timeouts.ops_host, self.timeouts.ops_port).start()
+        self.ops_port = self._ops_runner.addresses[0][1]
 
     async def stop(self):
         """Stop now: live calls are cancelled (`drain` first for a graceful exit)."""
@@ -120,6 +141,8 @@ class CallServer:
                 await call.worker.cancel(reason="server stopping")
         if self._runner:
             await self._runner.cleanup()
+        if self._ops_runner:
+            await self._ops_runner.cleanup()
         await self._retention.stop()
         await self.engines.close()
 
@@ -171,6 +194,13 @@ class CallServer:
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.Response(text=json.dumps(self.stats()) + "\n", content_type="application/json")
+
+    async def _local_stats(self, request: web.Request) -> web.Response:
+        """/stats on the call port: a caller on the internet must not read other calls' ids and engines."""
+        proxied = any(h in request.headers for h in ("X-Forwarded-For", "Forwarded", "X-Real-IP"))
+        if request.remote not in ("127.0.0.1", "::1") or proxied:
+            return web.Response(status=403, text="/stats is for operators: set server.ops_port and read it there\n")
+        return await self._stats(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -142,3 +142,34 @@ async def test_a_caller_that_never_reads_is_cut_and_frees_the_engine(served):
     await asyncio.sleep(0.2)
     assert engine.stats.sessions_active == 0
     assert [c["outcome"] for c in server.recent] == ["caller_stalled"]
+
+
+async def test_stats_are_for_operators_only(served, tmp_path):
+    """Without ops_port, the call port shows /stats to loopback peers that came through no proxy; with
+    one, only the ops listener has it. /metrics holds no identities and stays on the call port."""
+    server, _ = served
+
+    async def get(port: int, path: str, headers: dict | None = None) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n".encode())
+        status = int((await reader.readline()).split()[1])
+        writer.close()
+        return status
+
+    assert await get(server.port, "/stats") == 200
+    assert await get(server.port, "/stats", {"X-Forwarded-For": "203.0.113.9"}) == 403
+    assert await get(server.port, "/metrics") == 200
+
+    path = tmp_path / "ops.yaml"
+    path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(tmp_path / "r2")).replace(
+        "media_timeout_secs: 1.0}", "media_timeout_secs: 1.0, ops_port: 0}"))
+    ops = CallServer(builder.plan(config.load(path, {})), EnginePools.of("ws://127.0.0.1:9"), "127.0.0.1", 0)
+    await ops.start()
+    try:
+        assert ops.ops_port and ops.ops_port != ops.port
+        assert await get(ops.port, "/stats") == 404
+        assert await get(ops.ops_port, "/stats") == 200
+        assert await get(ops.ops_port, "/metrics") == 200 and await get(ops.port, "/readyz") in (200, 503)
+    finally:
+        await ops.stop()
