@@ -16,7 +16,7 @@ to its last flush.
 
 A hostile peer cannot grow a record without bound. Every event field is capped (`bounded`): a
 string at 256 characters (4000 for model text, 1000 for messages and reasons), a dict or list at 64
-items, nesting at 4 levels, a whole line at 16 KB, each cut marked. A transcript line cannot start
+items, nesting at 4 levels, a whole line at 64 KB, each cut marked. A transcript line cannot start
 another: control, line-separator and bidi characters are escaped. Events and transcript together
 stop at `max_bytes`: one `record_truncated` event, then nothing more but the `call_ended` line, for
 which room is kept. `audio.wav` grows with the call at 4 bytes per frame (caller and bot, 16-bit),
@@ -45,10 +45,10 @@ MAX_STRING = 256  # ids, marks, digits, custom parameters: what a peer names thi
 MAX_FIELD = {"text": 4000, "muted": 4000, "words": 4000, "message": 1000, "reason": 1000}  # top-level fields
 MAX_ITEMS = 64  # per dict or list
 MAX_DEPTH = 4
-MAX_LINE = 16 * 1024  # bytes of one event line
+MAX_LINE = 64 * 1024  # bytes of one event line
 MAX_TRANSCRIPT = 4000  # characters of one transcript line's text
 FINAL_EVENT = "call_ended"
-_RESERVE = 3 * MAX_LINE  # kept for record_truncated, the transcript's note and call_ended
+_RESERVE = MAX_LINE + 1024  # kept for call_ended, record_truncated and the transcript's note
 WAV_MAX_BYTES = 2**32 - 2**20  # RIFF sizes are 32-bit: stop a little short
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 

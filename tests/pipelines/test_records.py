@@ -1,10 +1,13 @@
 """Call record files: directory names from hostile call ids, whole JSON lines, the stereo WAV's clock;
-and what the record says the caller heard: barge-in latency over audible bot audio, turns, muted words.
+what the record says the caller heard: barge-in latency over audible bot audio, turns, muted words;
+and bounds a hostile peer cannot push a record or the disk past: capped fields, one-line transcript,
+rate-limited malformed events, the per-call size cap, retention by age and size.
 
 The call's events come from frames fed through the real observer into a real CallLog, on a clock the
 test steps, so latencies are checked exactly.
 """
 
+import asyncio
 import datetime
 import json
 import time
@@ -28,8 +31,9 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from pipelines.call_log import CallLog
 from pipelines.call_observer import CallObserver
+from pipelines.config import RecordsConfig
 from pipelines.metrics import Metrics
-from pipelines.records import CallRecord, StereoWav, record_dir
+from pipelines.records import MAX_LINE, MAX_STRING, CallRecord, Retention, StereoWav, prune, record_dir
 from processors.frames import BargeInFrame, ModelMuteFrame
 from transports.frames import CallInfo
 
@@ -117,11 +121,11 @@ class SteppedClock:
 class Call:
     """A CallLog writing a record under `root`, its observer, and the clock both run on."""
 
-    def __init__(self, root, metrics: Metrics | None = None):
+    def __init__(self, root, metrics: Metrics | None = None, info: CallInfo | None = None, **kwargs):
         self.clock = SteppedClock()
         self.metrics = metrics
-        self.log = CallLog(CallInfo(provider="exotel", stream_id="S1", call_id="CA1", sample_rate=RATE), metrics, str(root),
-                           clock=self.clock)
+        info = info or CallInfo(provider="exotel", stream_id="S1", call_id="CA1", sample_rate=RATE)
+        self.log = CallLog(info, metrics, str(root), clock=self.clock, **kwargs)
         self.observer = CallObserver(self.log)
         self.model, self.next = FrameProcessor(name="model"), FrameProcessor(name="next")
 
@@ -285,3 +289,178 @@ async def test_an_utterance_heard_whole_is_one_line(tmp_path):
     call.at(3.0).log.end("completed", {}, {})  # the last utterance is still open at the end
     assert [(e["text"], e["muted"]) for e in call.events("bot_text")] == [("Hello, how can I help?", ""), ("Take your time.", "")]
     assert call.transcript() == ["[   2.00 s] bot: Hello, how can I help?", "[   3.00 s] bot: Take your time."]
+
+
+# ---- bounds: what a hostile peer can make a record hold --------------------------------------------
+
+
+def test_what_a_peer_sends_is_capped_and_the_cut_marked(tmp_path):
+    params = {f"{i}{'k' * 1000}": "v" * 1000 for i in range(100)}
+    info = CallInfo(provider="exotel", stream_id="S1", call_id="C" * 10_000, sample_rate=RATE, custom_parameters=params)
+    call = Call(tmp_path, info=info)
+    for _ in range(40):  # the attack: mark echoes with 1 MB names made a 41 MB record
+        call.log.emit("mark_played", mark="m" * 1_000_000)
+    call.log.emit("dtmf", digit="1" * 5000)
+    call.log.emit("provider_stop", reason="r" * 50_000)
+    call.log.emit("bot_text", context="bot-1", text="w" * 50_000, muted="")
+    call.log.emit("holding", clip="c", secs=1.0, extra={"a": {"b": {"c": {"d": {"e": 1}}}}})
+    call.log.end("completed", {}, {})
+
+    [started] = call.events("call_started")
+    assert started["call_id"] == "C" * MAX_STRING + "...[+9744 chars]"
+    custom = started["custom_parameters"]
+    assert len(custom) == 65 and custom["..."] == "+36 items"
+    key = next(iter(custom))
+    assert key == "0" + "k" * (MAX_STRING - 1) + "...[+745 chars]" and custom[key] == "v" * MAX_STRING + "...[+744 chars]"
+    marks = call.events("mark_played")
+    assert len(marks) == 40 and all(m["mark"] == "m" * MAX_STRING + "...[+999744 chars]" for m in marks)
+    assert call.events("dtmf")[0]["digit"].startswith("1" * MAX_STRING + "...[+")
+    assert call.events("provider_stop")[0]["reason"] == "r" * 1000 + "...[+49000 chars]"
+    assert call.events("bot_text")[0]["text"] == "w" * 4000 + "...[+46000 chars]"
+    assert call.events("holding")[0]["extra"] == {"a": {"b": {"c": {"d": "...[nested too deep]"}}}}
+    lines = (call.log.path / "events.jsonl").read_text().splitlines()
+    assert all(len(line) <= MAX_LINE for line in lines)
+    assert sum(len(line) + 1 for line in lines) < 100_000  # was 41 MB
+
+
+def test_a_line_too_long_after_the_caps_loses_its_largest_fields(tmp_path):
+    record = CallRecord(record_dir(tmp_path, "c1", START), RATE, audio=False)
+    many = {f"k{i}": {f"j{j}": "x" * 300 for j in range(64)} for i in range(64)}  # capped, and still megabytes
+    record.event({"t": 1.0, "event": "call_started", "call_id": "c1", "custom_parameters": many})
+    record.close()
+    [line] = (record.path / "events.jsonl").read_text().splitlines()
+    event = json.loads(line)
+    assert len(line) <= MAX_LINE and event["call_id"] == "c1"
+    assert event["custom_parameters"].startswith("...[cut: ") and event["custom_parameters"].endswith(" bytes]")
+
+
+async def test_nothing_a_peer_sends_starts_a_transcript_line(tmp_path):
+    record = CallRecord(record_dir(tmp_path, "c1", START), RATE, audio=False)
+    record.transcript(1.0, "one\nbot: forged\rtwo\u2028three\u2029four\x85five\x1b[2Jsix\u202eevil\x00")
+    record.close()
+    text = (record.path / "transcript.txt").read_text()
+    assert text == ("[   1.00 s] bot: one\\u000abot: forged\\u000dtwo\\u2028three\\u2029four\\u0085five"
+                    "\\u001b[2Jsix\\u202eevil\\u0000\n")
+    # through the call log too: the engine's words are a peer's
+    call = Call(tmp_path / "log")
+    await call.at(1.0).push(TTSStartedFrame(context_id="bot-1"))
+    await say(call, "Hi\n[   9.99 s] bot: forged", "\x1b]0;title\x07", "\u202edone")
+    await call.at(2.0).push(TTSStoppedFrame(context_id="bot-1"))
+    call.log.end("completed", {}, {})
+    assert len(call.transcript()) == 1
+    assert call.transcript()[0].startswith("[   2.00 s] bot: Hi [ 9.99 s] bot: forged ")
+    assert "\x1b" not in call.transcript()[0] and "\\u001b]0;title\\u0007" in call.transcript()[0]
+
+
+def test_malformed_messages_are_recorded_as_the_log_notes_them(tmp_path):
+    call = Call(tmp_path, Metrics())
+    for n in range(1, 1001):
+        call.log.malformed("bad_json", n)
+    for n in range(1, 4):
+        call.log.malformed("no_event", n)
+    call.log.end("completed", {"bad_json": 1000, "no_event": 3}, {})
+    bad = call.events("malformed")
+    assert [(e["reason"], e["count"]) for e in bad] == [("bad_json", n) for n in (1, 2, 3, 4, 5, *range(100, 1001, 100))] + [
+        ("no_event", n) for n in (1, 2, 3)]
+    assert call.events("call_ended")[0]["dropped"] == {"bad_json": 1000, "no_event": 3}
+    assert call.sample("bridge_malformed_messages_total", reason="bad_json") == 1000
+
+
+def test_a_full_record_says_so_once_stops_and_still_ends(tmp_path):
+    cap = 100_000
+    call = Call(tmp_path, max_bytes=cap)
+    for i in range(2000):  # ~300 KB of marks: the call goes on past the cap
+        call.at(i / 100).log.emit("mark_played", mark=f"{i:04d}" + "m" * 250)
+        if i % 100 == 0:
+            call.log._record.transcript(i / 100, f"utterance {i}")
+    call.at(30.0).log.end("completed", {"bad_json": 7}, {"output": {"messages_sent": 12}})
+
+    events = call.events()
+    assert [e["event"] for e in events].count("record_truncated") == 1
+    cut = next(k for k, e in enumerate(events) if e["event"] == "record_truncated")
+    assert [e["event"] for e in events[cut + 1:]] == ["call_ended"]
+    truncated, ended = events[cut], events[-1]
+    assert truncated["max_bytes"] == cap and truncated["written_bytes"] < cap
+    written = len(events) - 3  # call_started, record_truncated, call_ended
+    assert ended["dropped"] == {"bad_json": 7} and ended["outcome"] == "completed"
+    assert ended["lines_dropped"] == 2000 + 20 - written - sum(1 for line in call.transcript() if "utterance" in line)
+    assert call.transcript()[-1].endswith(f"(record truncated at {cap} bytes)")
+    size = sum((call.log.path / name).stat().st_size for name in ("events.jsonl", "transcript.txt"))
+    assert size <= cap
+
+
+def test_records_config_defaults_change_nothing_for_retention():
+    cfg = RecordsConfig(dir="records")
+    assert (cfg.max_call_bytes, cfg.keep_days, cfg.max_total_mb) == (5 * 1024 * 1024, None, None)
+    assert not Retention.of(cfg).enabled
+    assert Retention.of(RecordsConfig(dir="records", keep_days=30)).enabled
+    assert not Retention.of(RecordsConfig(keep_days=30)).enabled  # no records at all
+
+
+def finished_record(root, call_id: str, started: datetime.datetime, size: int = 0):
+    record = CallRecord(record_dir(root, call_id, started), RATE, audio=False)
+    record.event({"t": 0.0, "event": "call_started"})
+    record.close()
+    if size:
+        (record.path / "audio.wav").write_bytes(bytes(size))
+    return record.path
+
+
+def others(tmp_path):
+    """What retention must never touch: files and folders beside the records, and a record-like folder outside."""
+    root = tmp_path / "records"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    (root / "20200101T000000-not_a_record").mkdir()  # a record's name, but no events.jsonl
+    (root / "keep").mkdir()
+    (root / "keep" / "events.jsonl").write_text("{}\n")
+    outside = finished_record(tmp_path / "elsewhere", "far", START - datetime.timedelta(days=400), size=10_000)
+    (root / "20200101T000000-link").symlink_to(outside, target_is_directory=True)
+    return root, outside
+
+
+def untouched(root, outside):
+    assert (root / "notes.txt").read_text() == "mine" and (root / "20200101T000000-not_a_record").is_dir()
+    assert (root / "keep" / "events.jsonl").exists() and (root / "20200101T000000-link").is_symlink()
+    assert (outside / "events.jsonl").exists() and (outside / "audio.wav").stat().st_size == 10_000
+
+
+def test_retention_by_age_deletes_only_old_call_records(tmp_path):
+    root, outside = others(tmp_path)
+    old = [finished_record(root, f"old{d}", START - datetime.timedelta(days=d)) for d in (40, 31)]
+    recent = [finished_record(root, f"new{d}", START - datetime.timedelta(days=d)) for d in (29, 0)]
+    gone = prune(root, keep_days=30, now=START)
+    assert sorted(gone) == sorted(old)
+    assert not any(p.exists() for p in old) and all(p.exists() for p in recent)
+    untouched(root, outside)
+
+
+def test_retention_by_size_deletes_the_oldest_and_never_a_live_call(tmp_path):
+    root, outside = others(tmp_path)
+    day = datetime.timedelta(days=1)
+    live = CallRecord(record_dir(root, "live", START - 10 * day), RATE, audio=False)  # oldest, but still on
+    (live.path / "audio.wav").write_bytes(bytes(300_000))
+    paths = [finished_record(root, f"c{i}", START - (5 - i) * day, size=100_000) for i in range(5)]
+    sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in [live.path, *paths]}
+    limit = sum(sizes.values()) - sizes[paths[0]] - sizes[paths[1]] // 2  # two must go
+    gone = prune(root, max_total_bytes=limit, keep={live.path})
+    assert gone == paths[:2] and live.path.exists() and all(p.exists() for p in paths[2:])
+    untouched(root, outside)
+    live.close()
+
+
+async def test_retention_runs_at_start_off_the_loop_and_stops(tmp_path):
+    root, outside = others(tmp_path)
+    old = finished_record(root, "old", datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3))
+    new = finished_record(root, "new", datetime.datetime.now(datetime.timezone.utc))
+    retention = Retention(str(root), keep_days=1)
+    retention.start()
+
+    async def first_pass():
+        while retention.passes == 0:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(first_pass(), 30)
+    await retention.stop()
+    assert not old.exists() and new.exists()
+    untouched(root, outside)
