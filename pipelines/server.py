@@ -45,7 +45,7 @@ from transports.frames import CallStartedFrame, CallStoppedFrame, MarkPlayedFram
 from transports.socket import CallSocket
 
 START_TIMEOUT = 10.0  # Exotel gives a bot 10 s; a connection that never starts a call is dropped
-MAX_FRAME = 1024 * 1024  # above every transport's own limit (<= 145 kB by default), which drops and counts a larger message; only beyond this does aiohttp close the socket
+MAX_FRAME = 4 * 1024 * 1024  # well above every transport's own limit (<= 145 kB by default), which drops and counts a larger message before decoding it; only beyond this does aiohttp close the socket
 RECENT_CALLS = 50  # finished calls whose processor stats /stats keeps
 HANGUP_TIMEOUT = 5.0
 DRAIN_FINISH_SECS = 15  # seconds after the drain deadline for the apology to play and sockets to close
