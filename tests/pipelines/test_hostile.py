@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import websockets
+from loguru import logger
 
 from pipelines import builder, config
 from pipelines.engine import EngineOptions, ReferenceEngine
@@ -173,3 +174,34 @@ async def test_stats_are_for_operators_only(served, tmp_path):
         assert await get(ops.ops_port, "/metrics") == 200 and await get(ops.port, "/readyz") in (200, 503)
     finally:
         await ops.stop()
+
+
+async def test_an_unwritable_records_directory_costs_the_record_not_the_call(tmp_path):
+    """Records under a path that cannot be a directory (root ignores permission bits, so a file stands
+    in the way): the call is served and completes, and one clear log line says why it has no record."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the records directory should be")
+    path = tmp_path / "deploy.yaml"
+    path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(blocker / "records")))
+    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(await engine.start()), "127.0.0.1", 0)
+    await server.start()
+    lines = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel") as ws:
+            await ws.send(json.dumps({"event": "connected"}))
+            await ws.send(start("unwritable"))
+            for _ in range(10):
+                await ws.send(media("unwritable"))
+                await asyncio.sleep(0.1)
+            await ws.send(json.dumps({"event": "stop", "stream_sid": "unwritable", "stop": {"call_sid": "unwritable"}}))
+            async for _ in ws:  # the server flushes and hangs up
+                pass
+        assert await gone(server, 3.0)
+    finally:
+        logger.remove(sink)
+        await server.stop()
+        await engine.stop()
+    assert [c["outcome"] for c in server.recent] == ["completed"]
+    assert [line for line in lines if "cannot write its record" in line and "unwritable" in line]
