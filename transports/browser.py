@@ -15,6 +15,7 @@ so it lasts until someone speaks.
 
 import base64
 import html
+import ipaddress
 import json
 import re
 import uuid
@@ -68,6 +69,9 @@ class BrowserParams(BaseModel):
         description="per-call ceilings: 2.5x the page's cadence at chunk_ms=10, ~8x its bytes at 24 kHz; null: none")
     allowed_origins: list[str] = Field(default_factory=list, description=(
         "origins (scheme://host[:port]) besides the page's own whose pages may open the WebSocket; '*': any"))
+    allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "host names (no port) the page may be reached by, besides localhost and IP addresses: the public name "
+        "behind a TLS proxy; '*': any. A name not listed is refused, so a rebound DNS name cannot open calls"))
 
     @field_validator("path", "page_path", "assets_path")
     @classmethod
@@ -248,12 +252,18 @@ class BrowserProtocol(JsonProtocol):
 
     @classmethod
     def authorize(cls, params: BrowserParams, request: HttpRequest) -> str | None:
-        """Another site's page may not open calls here (cross-site WebSocket); clients with no Origin may."""
+        """Another site's page may not open calls here (cross-site WebSocket); clients with no Origin may.
+
+        "The page's own origin" is judged by the Host header, which a DNS-rebinding page controls (its
+        name, resolved to this server): so a same-origin page must also come by a known host name.
+        """
         origin = request.headers.get("Origin")
         if not origin or "*" in params.allowed_origins or origin in params.allowed_origins:
             return None
         if urlsplit(origin).netloc.lower() == request.host.lower():
-            return None
+            if _known_host(request.host, params.allowed_hosts):
+                return None
+            return f"host {request.host[:80]!r} is not localhost, an IP address or in allowed_hosts (DNS rebinding?)"
         return f"origin {origin[:80]!r} is not this page's ({request.host}) nor in allowed_origins"
 
     @classmethod
@@ -266,6 +276,18 @@ class BrowserProtocol(JsonProtocol):
         for name, kind in ASSETS.items():
             files[f"{params.assets_path.rstrip('/')}/{name}"] = HttpReply(200, (PAGE_DIR / name).read_text("utf-8"), kind)
         return {path: _static(reply) for path, reply in files.items()}
+
+
+def _known_host(host: str, allowed: list[str]) -> bool:
+    """localhost, an IP literal, or a name the deployment lists (ports ignored)."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if "*" in allowed or name == "localhost" or name.endswith(".localhost") or name in {a.lower() for a in allowed}:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _static(reply: HttpReply):

@@ -248,7 +248,7 @@ def test_routes_serve_the_page_with_its_config_inlined_and_the_scripts():
 
 @pytest.mark.parametrize("origin, allowed, ok", [
     (None, [], True),  # not a browser
-    ("http://bot.example:5050", [], True),  # the page itself
+    ("http://bot.example:5050", [], True),  # the page itself, by its listed name
     ("https://evil.example", [], False),
     ("https://evil.example", ["https://evil.example"], True),
     ("https://other.example", ["*"], True),
@@ -256,7 +256,24 @@ def test_routes_serve_the_page_with_its_config_inlined_and_the_scripts():
 def test_only_the_page_own_origin_may_open_the_socket(origin, allowed, ok):
     headers = {"Origin": origin} if origin else {}
     request = HttpRequest(method="GET", scheme="http", host="bot.example:5050", path="/browser/ws", headers=headers)
-    refusal = BrowserProtocol.authorize(BrowserParams(allowed_origins=allowed), request)
+    refusal = BrowserProtocol.authorize(BrowserParams(allowed_origins=allowed, allowed_hosts=["bot.example"]), request)
+    assert (refusal is None) == ok, refusal
+
+
+@pytest.mark.parametrize("host, allowed_hosts, ok", [
+    ("127.0.0.1:5050", [], True),
+    ("[::1]:5050", [], True),
+    ("localhost:5050", [], True),
+    ("10.1.2.3:5050", [], True),
+    ("rebound.evil.example:5050", [], False),  # its page, served from a name resolved to us
+    ("bot.example.com", ["bot.example.com"], True),
+    ("BOT.example.com", ["bot.example.com"], True),
+    ("anything.example", ["*"], True),
+])
+def test_a_same_origin_page_must_come_by_a_known_host_name(host, allowed_hosts, ok):
+    """DNS rebinding: a page on a name the attacker controls, resolved to this server, is 'same origin'."""
+    request = HttpRequest(method="GET", scheme="http", host=host, path="/browser/ws", headers={"Origin": f"http://{host}"})
+    refusal = BrowserProtocol.authorize(BrowserParams(allowed_hosts=allowed_hosts), request)
     assert (refusal is None) == ok, refusal
 
 
