@@ -59,6 +59,15 @@ def media(sid: str, rate: int = 8000) -> str:
     return json.dumps({"event": "media", "stream_sid": sid, "media": {"payload": "AAAA" * (rate // 20)}})
 
 
+async def talk_for_a_second(ws, sid: str) -> None:
+    """`connected`, `start`, then 1 s of media at Exotel's 100 ms cadence."""
+    await ws.send(json.dumps({"event": "connected"}))
+    await ws.send(start(sid))
+    for _ in range(10):
+        await ws.send(media(sid))
+        await asyncio.sleep(0.1)
+
+
 async def closed_by_server(reader: asyncio.StreamReader, secs: float) -> bool:
     """EOF, or a reset (our later writes hit a socket the server had closed), within `secs`."""
     try:
@@ -102,11 +111,7 @@ async def test_a_start_without_media_leases_no_engine_and_ends_as_caller_silent(
 async def test_media_that_stops_mid_call_ends_the_call_and_frees_the_engine(served, tmp_path):
     server, engine = served
     async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel") as ws:
-        await ws.send(json.dumps({"event": "connected"}))
-        await ws.send(start("quiet"))
-        for _ in range(10):
-            await ws.send(media("quiet"))
-            await asyncio.sleep(0.1)
+        await talk_for_a_second(ws, "quiet")
         await asyncio.wait_for(ws.wait_closed(), 4.0)
     assert await gone(server, 2.0)
     await asyncio.sleep(0.2)
@@ -190,11 +195,7 @@ async def test_an_unwritable_records_directory_costs_the_record_not_the_call(tmp
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
     try:
         async with websockets.connect(f"ws://127.0.0.1:{server.port}/exotel") as ws:
-            await ws.send(json.dumps({"event": "connected"}))
-            await ws.send(start("unwritable"))
-            for _ in range(10):
-                await ws.send(media("unwritable"))
-                await asyncio.sleep(0.1)
+            await talk_for_a_second(ws, "unwritable")
             await ws.send(json.dumps({"event": "stop", "stream_sid": "unwritable", "stop": {"call_sid": "unwritable"}}))
             async for _ in ws:  # the server flushes and hangs up
                 pass
