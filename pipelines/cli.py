@@ -9,12 +9,13 @@ Configuration errors print one line (file:line: key: problem) and exit with stat
 
 import argparse
 import asyncio
-import re
 import signal
 import sys
 
 import numpy as np
 from loguru import logger
+
+from pipelines.records import escape_controls
 
 EXIT_CONFIG = 2
 ANSWER_SECONDS = 4.0  # default time left after the caller's audio for the bot to answer
@@ -52,21 +53,14 @@ LOG_FORMAT = ("<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7
 
 
 MAX_LOG_MESSAGE = 4000  # characters of one log message; the rest is cut
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _escaped(text: str) -> str:
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
 def one_line(record) -> None:
     """Loguru patcher: what a peer sent (ids, marks, reasons) can neither start a line of its own nor
     turn text around; control and bidi characters are escaped, and one message is capped."""
     message = record["message"]
     if len(message) > MAX_LOG_MESSAGE:
         message = message[:MAX_LOG_MESSAGE] + f"... ({len(message) - MAX_LOG_MESSAGE} more characters)"
-    record["message"] = _escaped(message)
-    record["extra"]["call_id"] = _escaped(str(record["extra"].get("call_id", "-")))[:200]
+    record["message"] = escape_controls(message)
+    record["extra"]["call_id"] = escape_controls(str(record["extra"].get("call_id", "-")))[:200]
 
 
 def _configure_logging() -> None:

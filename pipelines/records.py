@@ -94,9 +94,14 @@ def event_line(event: dict) -> str:
     return line + "\n"
 
 
+def escape_controls(text: str) -> str:
+    """Text a peer sent, safe on one plain-text line (a record's or a log's): control, separator and
+    bidi characters escaped as \\uXXXX."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def one_line(text: str) -> str:
-    """Text a peer sent, safe on one plain-text line: control, separator and bidi characters escaped."""
-    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", _cut(text, MAX_TRANSCRIPT))
+    return escape_controls(_cut(text, MAX_TRANSCRIPT))
 
 
 def record_dir(root: str | Path, call_id: str, started: datetime.datetime) -> Path:
@@ -258,23 +263,24 @@ class CallRecord:
         self._write(self._transcript, f"[{t:7.2f} s] (record truncated at {self.max_bytes} bytes)\n")
         return False
 
-    def _write(self, file, text: str) -> None:
+    def _write(self, file, text: str, size: int | None = None) -> None:
         file.write(text)
-        self.written += len(text.encode("utf-8"))
+        self.written += len(text.encode("utf-8")) if size is None else size
 
     def event(self, event: dict) -> None:
         final = event.get("event") == FINAL_EVENT
         if final and self.truncated:
             event = {**event, "lines_dropped": self.dropped}
-        line = event_line(event)
+        line = event_line(event)  # ASCII: its length is its size
         if final or self._room(len(line), event.get("t", 0.0)):
-            self._write(self._events, line)
+            self._write(self._events, line, len(line))
 
     def transcript(self, t: float, text: str, muted: bool = False) -> None:
         """`muted`: words the model said that were silenced, never heard; marked so nobody reads them as said."""
         line = f"[{t:7.2f} s] bot{' [muted]' if muted else ''}: {one_line(text)}\n"
-        if self._room(len(line.encode("utf-8")), t):
-            self._write(self._transcript, line)
+        size = len(line.encode("utf-8"))
+        if self._room(size, t):
+            self._write(self._transcript, line, size)
 
     def close(self) -> None:
         _open_records.discard(self.path)

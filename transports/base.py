@@ -16,8 +16,8 @@ from typing import Any
 
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
-from pydantic import BaseModel, ConfigDict, Field
 from pipecat.frames.frames import Frame, InputAudioRawFrame, InputDTMFFrame
+from pydantic import BaseModel, ConfigDict, Field
 
 from transports.frames import CallInfo, CallStoppedFrame, MarkPlayedFrame
 
@@ -59,11 +59,16 @@ class TokenBucket:
         self.tokens = capacity
         self.last: float | None = None
 
-    def refill(self, now: float) -> None:
+    def take(self, amount: float, now: float) -> bool:
+        """Refill up to `now`, then spend `amount` if it is there; False (nothing spent) if not."""
         if self.last is not None and now > self.last:
             self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
         if self.last is None or now > self.last:
             self.last = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
 
 
 class Drop(Exception):
@@ -172,11 +177,8 @@ class JsonProtocol:
     def _decode(self, message: str | bytes, now: float | None = None) -> dict:
         """Size and rate checks first, in O(1) for ASCII text: nothing is decoded before both pass."""
         admit = now is not None and self.rate_limit is not None
-        if admit:
-            self._messages.refill(now)
-            if self._messages.tokens < 1:
-                raise Drop("rate_limited", f"over {self.rate_limit.messages_per_sec:g} messages/s")
-            self._messages.tokens -= 1
+        if admit and not self._messages.take(1, now):
+            raise Drop("rate_limited", f"over {self.rate_limit.messages_per_sec:g} messages/s")
         if isinstance(message, (bytes, bytearray, memoryview)):
             raise Drop("binary_frame", f"{len(message)} bytes")
         if len(message) > self.max_message_bytes:  # UTF-8 is never shorter than the characters
@@ -184,11 +186,8 @@ class JsonProtocol:
         size = len(message) if message.isascii() else len(message.encode("utf-8", "surrogatepass"))
         if size > self.max_message_bytes:
             raise Drop("too_large", f"{size} bytes > {self.max_message_bytes}")
-        if admit:
-            self._bytes.refill(now)
-            if self._bytes.tokens < size:
-                raise Drop("rate_limited", f"{size} bytes, over {self.rate_limit.bytes_per_sec:g} bytes/s")
-            self._bytes.tokens -= size
+        if admit and not self._bytes.take(size, now):
+            raise Drop("rate_limited", f"{size} bytes, over {self.rate_limit.bytes_per_sec:g} bytes/s")
         try:
             data = json.loads(message)
         except ValueError as exc:
@@ -202,12 +201,8 @@ class JsonProtocol:
     def _admit_audio(self, frames: list[Frame], now: float) -> None:
         """Caller audio faster than `audio_speed` x real time is dropped before the pipeline sees it."""
         seconds = sum(len(f.audio) / 2 / f.sample_rate for f in frames if isinstance(f, InputAudioRawFrame))
-        if not seconds:
-            return
-        self._audio.refill(now)
-        if self._audio.tokens < seconds:
+        if seconds and not self._audio.take(seconds, now):
             raise Drop("rate_limited", f"{seconds:.2f} s of audio, over {self.rate_limit.audio_speed:g}x real time")
-        self._audio.tokens -= seconds
 
     def count(self, reason: str, detail: str = "") -> None:
         self.dropped[reason] += 1

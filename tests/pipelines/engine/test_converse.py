@@ -11,11 +11,10 @@ from pipelines.engine.converse import ConverseAgent, steps
 from pipelines.engine.ogg import FRAME_SAMPLES
 from pipelines.engine.reference import SILENCE_RMS, ScriptAgent, _parser, text_pieces
 from tests.pipelines.engine.test_reference import (  # noqa: F401  (make_engine is a fixture)
-    decode,
     frames_of,
     make_engine,
     normalised_xcorr,
-    session,
+    one_page_per_frame,
 )
 from tests.speech import speech_float
 
@@ -255,14 +254,7 @@ def test_engine_options_select_converse_by_default_with_no_greeting():
 async def test_converse_mode_answers_a_spoken_turn_over_the_websocket(make_engine):  # noqa: F811
     engine = await make_engine(reply_text="You said this.")
     question = words("question")
-    sent = frames_of(answered(question))
-    n = len(sent) // FRAME_SAMPLES
-    caller = await session(engine)
-    await caller.send_audio(sent)
-    pages, texts = await caller.audio_pages(n)
-    assert await caller.drain() == []
-    await caller.ws.close()
-    received = decode(pages)
+    received, texts = await one_page_per_frame(engine, frames_of(answered(question)))
     rms = step_rms(received)
     last_word = end_step(0.4 + len(question) / RATE)
     assert rms[: last_word + TURN_END].max() < SILENCE_RMS  # quiet while the caller has the floor

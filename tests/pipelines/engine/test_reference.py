@@ -137,6 +137,18 @@ async def session(engine: ReferenceEngine, **connect_kwargs) -> Caller:
     return caller
 
 
+async def one_page_per_frame(engine: ReferenceEngine, sent: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Say `sent` in one session: exactly one audio page comes back per 80 ms frame, and nothing more.
+    Returns the decoded audio and the text pieces with the page index they came before."""
+    n = len(sent) // FRAME_SAMPLES
+    caller = await session(engine)
+    await caller.send_audio(sent)
+    pages, texts = await caller.audio_pages(n)
+    assert await caller.drain() == []
+    await caller.ws.close()
+    return decode(pages), texts
+
+
 async def expect_abnormal_close(ws: ClientConnection) -> None:
     with pytest.raises(ConnectionClosed) as info:
         await asyncio.wait_for(ws.recv(), 3)
@@ -254,12 +266,7 @@ async def test_echo_returns_the_callers_speech_after_echo_delay_with_text(make_e
     engine = await make_engine(mode="echo", echo_delay=0.4)
     sent = frames_of(silence(0.2), speech_24k(), silence(0.7))
     n = len(sent) // FRAME_SAMPLES
-    caller = await session(engine)
-    await caller.send_audio(sent)
-    pages, texts = await caller.audio_pages(n)
-    assert await caller.drain() == []
-    await caller.ws.close()
-    received = decode(pages)
+    received, texts = await one_page_per_frame(engine, sent)
     lag, peak = normalised_xcorr(sent, received)
     assert peak > 0.5
     assert abs(lag - 0.4 * 24000) < 0.03 * 24000
