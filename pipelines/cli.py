@@ -18,7 +18,8 @@ from loguru import logger
 from pipelines.records import escape_controls
 
 EXIT_CONFIG = 2
-ANSWER_SECONDS = 4.0  # default time left after the caller's audio for the bot to answer
+ANSWER_SECONDS = 4.0  # default time left after the caller's audio for the bot to answer, at the least
+REPLY_MARGIN_SECONDS = 2.0  # ... or as long as what was said plus this: the reference engine says it back
 
 
 def _load_plan(name: str):
@@ -156,10 +157,11 @@ def cmd_call(args) -> int:
         url = f"http://{host}:{cfg.server.port}{twiml}" if provider == "twilio" and twiml else f"ws://{host}:{cfg.server.port}{getattr(tp, 'path', '/')}"
     if args.scenario:
         return _call_scenario(args, deployment, url)
-    audio = read_wav(args.audio, rate)
-    audio = np.concatenate([np.zeros(int(args.delay * rate), np.int16), audio])
+    said = read_wav(args.audio, rate)
+    audio = np.concatenate([np.zeros(int(args.delay * rate), np.int16), said])
     params = dict(p.split("=", 1) for p in args.param)
-    seconds = args.seconds if args.seconds is not None else len(audio) / rate + ANSWER_SECONDS
+    answer = max(ANSWER_SECONDS, len(said) / rate + REPLY_MARGIN_SECONDS)
+    seconds = args.seconds if args.seconds is not None else len(audio) / rate + answer
     result = asyncio.run(place_call(url, audio, rate, provider=provider, seconds=seconds, custom_parameters=params,
                                     auth_token=getattr(tp, "auth_token", None) or None,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True)))
@@ -247,7 +249,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="WAV of what the caller heard")
     p.add_argument("--url", help="URL to dial: Exotel's ws:// stream, Twilio's http:// webhook or ws:// stream (default: from the config)")
     p.add_argument("--provider", choices=("exotel", "twilio", "browser"), help="speak this provider's protocol (default: the config's transport)")
-    p.add_argument("--seconds", type=float, help="call length (default: the audio's length plus the answer)")
+    p.add_argument("--seconds", type=float, help="call length (default: --delay and the audio, then time for the answer: "
+                   "4 s, or the audio's length plus 2 s if longer, as the reference engine says it back)")
     p.add_argument("--delay", type=float, default=1.5,
                    help="silence before the caller speaks: the engine hears nothing before its handshake (default 1.5 s)")
     p.add_argument("--sample-rate", type=int, choices=(8000, 16000, 24000), help="Exotel only (default 8000); Twilio is 8000, the browser its config's")

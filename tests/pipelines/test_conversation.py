@@ -39,14 +39,19 @@ async def test_a_model_that_keeps_talking_is_muted_for_a_bounded_span_and_the_ca
     is heard again over the caller, who keeps talking: that is the caller taking the floor back (overlap)."""
     sentence = read_wav(FIXTURES / "question_16k.wav", 24000)[4800:-4800]  # the fixture's 200 ms pads trimmed
     bot_speech = tmp_path / "bot.wav"
-    write_wav(bot_speech, np.tile(sentence, 2), 24000)  # 5.4 s with no pause as long as the hangover
+    write_wav(bot_speech, np.tile(sentence, 3), 24000)  # 8.1 s with no pause as long as the hangover
     config = deployment(tmp_path, mode="script", handshake_delay=0.5, script=[{"at": 0.5, "wav": str(bot_speech), "text": "I would like to check"}])
-    said, _ = fixture_wav("interrupt_8k")
+    # "Wait, stop, I have a question. Hello, I ...": the first barge-in comes ~0.4 s into it; after its
+    # 0.5 s mute the bot is heard again and ~1.8 s of speech are left, so the overlap rule (1.0 s) fires
+    # once, and what is left after the second mute (~0.5 s) cannot fire it again, even when a loaded
+    # machine moves the first barge-in 0.3 s later
+    question = fixture_wav("question_8k")[0]
+    said = np.concatenate([fixture_wav("interrupt_8k")[0], question[: round(0.9 * RATE)]])
     speak_at = 3.0
     audio = np.concatenate([np.zeros(round(speak_at * RATE), np.int16), said])
     port = free_port()
     with launched(run_command(config, port), port) as server:
-        result = await place_call(server.url(), audio, RATE, seconds=7.0, chunk_ms=20)
+        result = await place_call(server.url(), audio, RATE, seconds=10.0, chunk_ms=20)
         call = await finished_call(port)
     onset = speak_at + energy_onset(said, RATE) * 0.02
     clears = [t for t, m in result.messages if m["event"] == "clear"]
