@@ -411,4 +411,4 @@ def _bound_send_buffer(transport) -> None:
 
 def _request_info(request: web.Request, form: dict[str, str]) -> HttpRequest:
     return HttpRequest(method=request.method, scheme=request.scheme, host=request.host, path=request.path,
-                       query=dict(request.query), query_string=request.query_string, headers=request.headers, form=form)
+                       query=dict(request.query), query_string=request.rel_url.raw_query_string, headers=request.headers, form=form)
