@@ -76,8 +76,14 @@ def _bench_scenarios(args) -> int:
     return bench_scenarios(args)
 
 
+def _bench_stall(args) -> int:
+    from pipelines.bench_stall import bench_stall
+
+    return bench_stall(args)
+
+
 BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation, "load": _bench_load,
-           "soak": _bench_soak, "scenarios": _bench_scenarios}
+           "soak": _bench_soak, "scenarios": _bench_scenarios, "stall": _bench_stall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.bench_load import add_parser as add_load_parser
     from pipelines.bench_scenarios import add_parser as add_scenarios_parser
     from pipelines.bench_soak import add_parser as add_soak_parser
+    from pipelines.bench_stall import add_parser as add_stall_parser
     from pipelines.bench_vad import add_parser
 
     add_parser(sub)
@@ -102,5 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     add_load_parser(sub)
     add_soak_parser(sub)
     add_scenarios_parser(sub)
+    add_stall_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)

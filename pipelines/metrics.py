@@ -5,13 +5,17 @@ one process (tests, benchmarks) do not mix their counts. Calls report through `C
 that mirror live state (active calls, the engine pool) are read when Prometheus scrapes.
 """
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
 DECISION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 BARGE_IN_RULES = ("floor", "overlap", "unknown")  # unknown: a clear over caller speech with no BargeInFrame
-OUTCOMES = ("completed", "caller_gone", "engine_failed", "no_engine", "drained", "error")
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+LAG_TICK_SECS = 0.01
+OUTCOMES = ("completed", "caller_gone", "caller_stalled", "caller_silent", "engine_failed", "no_engine", "drained", "error")
 
 
 class Metrics:
@@ -46,6 +50,10 @@ class Metrics:
         self.pool_busy = Gauge("bridge_engines_busy", "Engines serving a call", registry=r)
         self.pool_down = Gauge("bridge_engines_down", "Engines out of rotation, being probed", registry=r)
         self.draining = Gauge("bridge_draining", "1 while the server drains before exit", registry=r)
+        self.loop_lag = Histogram("bridge_event_loop_lag_seconds", f"How late a {LAG_TICK_SECS * 1000:g} ms timer fired: "
+                                  "work that held the event loop (and every call's audio) that long", buckets=LAG_BUCKETS, registry=r)
+        self.loop_lag_max = Gauge("bridge_event_loop_lag_max_seconds", "Largest event-loop lag since the process started",
+                                  registry=r)
 
     def watch(self, calls: dict, engines) -> None:
         """Gauges read from the server's live state at scrape time."""
@@ -55,6 +63,20 @@ class Metrics:
         self.pool_size.set_function(lambda: len(engines.engines))
         self.pool_busy.set_function(lambda: sum(e.state is State.BUSY for e in engines.engines))
         self.pool_down.set_function(lambda: sum(e.state is State.DOWN for e in engines.engines))
+
+    async def watch_loop(self, tick: float = LAG_TICK_SECS) -> None:
+        """Time a short timer, forever: one computation that holds the loop delays every call's audio,
+        and its lateness is the one figure that shows it (`bench stall` reads it)."""
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        while True:
+            due = loop.time() + tick
+            await asyncio.sleep(tick)
+            lag = max(0.0, loop.time() - due)
+            self.loop_lag.observe(lag)
+            if lag > worst:
+                worst = lag
+                self.loop_lag_max.set(lag)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -97,6 +97,7 @@ class CallServer:
         self._ops_runner: web.AppRunner | None = None
         self.ops_port: int | None = None
         self._retention = Retention.of(cfg.records)  # old call records deleted at start, then hourly
+        self._lag_watch: asyncio.Task | None = None
 
     async def start(self):
         app = web.Application(client_max_size=1024 * 1024)
@@ -117,6 +118,7 @@ class CallServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self._retention.start()
+        self._lag_watch = asyncio.create_task(self.metrics.watch_loop(), name="loop-lag")
         self.port = self._runner.addresses[0][1]
         if self.timeouts.ops_port is not None:
             await self._start_ops()
@@ -144,6 +146,8 @@ class CallServer:
         if self._ops_runner:
             await self._ops_runner.cleanup()
         await self._retention.stop()
+        if self._lag_watch:
+            self._lag_watch.cancel()
         await self.engines.close()
 
     async def drain(self) -> None:

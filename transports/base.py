@@ -281,6 +281,19 @@ class JsonProtocol:
         return None
 
 
+MAX_FRAME_SECS = 0.2
+
+
+def audio_frames(payload: Any, call: CallInfo, where: str = "") -> list[InputAudioRawFrame]:
+    """A `media` payload (base64 PCM16LE or μ-law, per the call) as caller audio at the call rate, in
+    frames of at most 200 ms (any real cadence is one frame): the pipeline works one frame at a time, so a legal 6.4 s chunk (Exotel's
+    100 KiB) costs the event loop many short turns instead of one long one."""
+    audio = audio_frame(payload, call, where).audio
+    step = max(2, int(call.sample_rate * MAX_FRAME_SECS) * 2)
+    return [InputAudioRawFrame(audio=audio[i : i + step], sample_rate=call.sample_rate, num_channels=1)
+            for i in range(0, len(audio), step)]
+
+
 def audio_frame(payload: Any, call: CallInfo, where: str = "") -> InputAudioRawFrame:
     """A `media` payload (base64 PCM16LE or μ-law, per the call) as caller audio at the call rate."""
     if not isinstance(payload, str):

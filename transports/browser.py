@@ -40,7 +40,7 @@ from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from processors.frames import HOLDING_CONTEXT, EngineFailedFrame
-from transports.base import ENVELOPE_BYTES, Drop, RateLimit, base64_len, HttpReply, HttpRequest, JsonProtocol, audio_frame, dump
+from transports.base import ENVELOPE_BYTES, Drop, RateLimit, base64_len, HttpReply, HttpRequest, JsonProtocol, audio_frame, audio_frames, dump
 from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
 
 PAGE_DIR = Path(__file__).parent / "browser_page"
@@ -153,7 +153,7 @@ class BrowserProtocol(JsonProtocol):
         return [CallStartedFrame(call=self.call)]
 
     def _on_audio(self, data: dict) -> list[Frame]:
-        return [audio_frame(data.get("data"), self.require_call("audio"))]
+        return audio_frames(data.get("data"), self.require_call("audio"))
 
     def _on_text(self, data: dict) -> list[Frame]:
         """Typed text as a final transcript of the caller, which a cascaded pipeline's LLM takes as a turn."""

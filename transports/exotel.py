@@ -15,7 +15,7 @@ from loguru import logger
 from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from transports.base import ENVELOPE_BYTES, Drop, JsonProtocol, RateLimit, audio_frame, base64_len, dtmf_frame, dump, pick, str_or_none
+from transports.base import ENVELOPE_BYTES, Drop, JsonProtocol, RateLimit, audio_frame, audio_frames, base64_len, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
 
 SUPPORTED_RATES = (8000, 16000, 24000)
@@ -176,7 +176,7 @@ class ExotelProtocol(JsonProtocol):
     def _on_media(self, data: dict) -> list[Frame]:
         call = self.require_call("media")
         media = data.get("media")
-        return [audio_frame(pick(media, "payload"), call, f"chunk {pick(media, 'chunk')}")]
+        return audio_frames(pick(media, "payload"), call, f"chunk {pick(media, 'chunk')}")
 
     def _on_dtmf(self, data: dict) -> list[Frame]:
         self.require_call("dtmf")

@@ -16,7 +16,7 @@ from loguru import logger
 from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from transports.base import Drop, RateLimit, HttpRequest, JsonProtocol, audio_frame, dtmf_frame, dump, pick, str_or_none
+from transports.base import Drop, RateLimit, HttpRequest, JsonProtocol, audio_frame, audio_frames, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
 from transports.twilio_http import check_upgrade, twiml_endpoint
 
@@ -127,7 +127,7 @@ class TwilioProtocol(JsonProtocol):
         track = pick(media, "track")
         if track not in (None, "inbound", "inbound_track"):
             raise Drop("not_inbound_track", repr(str(track)[:20]))
-        return [audio_frame(pick(media, "payload"), call, f"chunk {pick(media, 'chunk')}")]
+        return audio_frames(pick(media, "payload"), call, f"chunk {pick(media, 'chunk')}")
 
     def _on_dtmf(self, data: dict) -> list[Frame]:
         self._check_stream("dtmf", data)

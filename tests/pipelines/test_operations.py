@@ -84,6 +84,9 @@ async def test_a_call_leaves_a_record_metrics_and_a_report(tmp_path, records):
     assert metric(text, "bridge_engine_handshake_seconds_count") == 1
     assert metric(text, "bridge_first_audio_seconds_count") == 1
     assert metric(text, "bridge_holding_clips_total", clip="greeting") >= 1
+    # the loop watch ticked all along (10 ms timer) and its worst lateness is one of its ticks
+    assert metric(text, "bridge_event_loop_lag_seconds_count") > 100
+    assert 0 < metric(text, "bridge_event_loop_lag_max_seconds") <= metric(text, "bridge_event_loop_lag_seconds_sum")
 
     [record] = records_of(records)
     events = events_of(record)
