@@ -60,6 +60,11 @@ class ActiveCall:
     worker: object = None  # the call's PipelineWorker once built
     stopped_by_provider: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    socket: CallSocket | None = None
+
+    def blocked_secs(self) -> float:
+        """How long the server has been waiting to write to this caller (for /stats and tests)."""
+        return 0.0 if self.socket is None else self.socket.blocked_secs()
 
 
 def call_stats(processors: list, output: CallOutput) -> dict:
@@ -139,6 +144,8 @@ class CallServer:
     async def stop(self):
         """Stop now: live calls are cancelled (`drain` first for a graceful exit)."""
         for call in list(self.calls):
+            if call.socket is not None:  # a caller that does not read holds no send past the grace
+                call.socket.stopped()
             if call.worker is not None:
                 await call.worker.cancel(reason="server stopping")
         if self._runner:
@@ -290,7 +297,7 @@ class CallServer:
     async def _run_call(self, socket: CallSocket, protocol, started: CallStartedFrame):
         call_info = started.call
         log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio, max_bytes=self.records.max_call_bytes)
-        call = ActiveCall(log.call_id, call_info.provider, log)
+        call = ActiveCall(log.call_id, call_info.provider, log, socket=socket)
         protocol.on_drop = log.malformed
         with logger.contextualize(call_id=call.call_id):
             self.calls[call] = call  # keyed by object: providers may reuse or omit call ids
@@ -325,7 +332,7 @@ class CallServer:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
             await socket.close()
-            if socket.stalled:
+            if socket.stalled and not call.stopped_by_provider:  # after `stop`, unread audio is no fault
                 logger.warning(f"call {call.call_id}: the caller stopped reading for {self.timeouts.send_timeout_secs:g} s; cut")
                 call.log.outcome = call.log.outcome or "caller_stalled"
             stats = call_stats(processors, output)
@@ -372,6 +379,8 @@ class CallServer:
                     logger.info(f"call {protocol.call_id}: provider stop ({frame.reason or 'no reason'})")
                     log.emit("provider_stop", reason=frame.reason)
                     call.stopped_by_provider = True
+                    if call.socket is not None:
+                        call.socket.stopped()
                     await worker.queue_frame(EndFrame(reason=f"provider stop: {frame.reason}"))
                     return True
                 elif isinstance(frame, InputDTMFFrame):

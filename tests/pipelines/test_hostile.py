@@ -206,3 +206,56 @@ async def test_an_unwritable_records_directory_costs_the_record_not_the_call(tmp
         await engine.stop()
     assert [c["outcome"] for c in server.recent] == ["completed"]
     assert [line for line in lines if "cannot write its record" in line and "unwritable" in line]
+
+
+@pytest.fixture
+async def patient(tmp_path):
+    """The hostile deployment, but a send deadline far beyond the test: whatever ends a stalled call
+    here, it is not `send_timeout_secs`."""
+    path = tmp_path / "deploy.yaml"
+    path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(tmp_path / "records"))
+                    .replace("send_timeout_secs: 1.0", "send_timeout_secs: 60.0"))
+    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(await engine.start()), "127.0.0.1", 0)
+    await server.start()
+    yield server, engine
+    await server.stop()
+    await engine.stop()
+
+
+async def stalled_call(server, sid: str) -> tuple[socket.socket, object]:
+    """A call whose caller streams but never reads, until the server's writes to it are blocked."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    ws = await websockets.connect(f"ws://127.0.0.1:{server.port}/exotel?sample-rate=16000", sock=sock, max_queue=1)
+    await ws.send(json.dumps({"event": "connected"}))
+    await ws.send(start(sid))
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline and not any(c.blocked_secs() > 0.5 for c in server.calls):
+        await ws.send(media(sid, 16000))
+        await asyncio.sleep(0.1)
+    assert any(c.blocked_secs() > 0.5 for c in server.calls), "the server's sends never blocked"
+    return sock, ws
+
+
+@pytest.mark.parametrize("how", ["stop", "reset"])
+async def test_stop_or_a_reset_ends_a_stalled_call_at_once(patient, how):
+    """The server is blocked writing to a caller that does not read; the caller's `stop`, or a TCP
+    reset, still ends the call and frees the engine long before any send deadline."""
+    server, engine = patient
+    sock, ws = await asyncio.wait_for(stalled_call(server, how), 30)
+    try:
+        if how == "stop":
+            await ws.send(json.dumps({"event": "stop", "stream_sid": how, "stop": {"call_sid": how, "reason": "callended"}}))
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # on, 0 s: RST
+            sock.close()
+        assert await gone(server, 5.0)
+        await asyncio.sleep(0.2)
+        assert engine.stats.sessions_active == 0
+        [ended] = server.recent
+        assert ended["outcome"] == ("completed" if how == "stop" else "caller_gone")  # unread audio after `stop` is no fault
+    finally:
+        ws.transport.abort()
