@@ -1,7 +1,7 @@
 """A simulated caller: dials a bot the way Exotel's Voicebot applet, Twilio Media Streams or the
 browser page (transports/browser_page/) do.
 
-Written from the provider's side of docs/telephony-protocols.md §1-2 and from the page's script,
+Written from the providers' own documentation (summarised in docs/protocols.md) and from the page's script,
 independently of the transports, so it catches our own protocol bugs instead of sharing them. It
 plays the phone too: bot audio goes through a real-time playout buffer, marks are echoed when the
 playout reaches them (at once when nothing is queued), `clear` cuts what is queued and echoes
@@ -202,7 +202,7 @@ class _Phone:
 
     async def on_clear(self) -> None:
         """Cut queued audio at this instant; pending marks are echoed now, as Twilio documents
-        (Exotel does not say, doc §1.8)."""
+        (Exotel does not say)."""
         self.result.clears += 1
         self.result.clear_times.append(self.now())
         cut = self.now_sample()
@@ -324,7 +324,7 @@ class Exotel(_Telephony):
         return {"chunk": str(k + 1), "timestamp": str((k + 1) * ms), "payload": base64.b64encode(pcm).decode("ascii")}
 
     def dtmf(self, digit: str, duration_ms: int) -> dict:
-        """Exotel's `dtmf` event (doc §1.3): the digit and how long it was held, as strings."""
+        """Exotel's `dtmf` event: the digit and how long it was held, as strings."""
         return {"event": "dtmf", "dtmf": {"digit": digit, "duration": str(duration_ms)}}
 
     def stop(self, call_sid: str) -> dict:
@@ -337,7 +337,7 @@ class Exotel(_Telephony):
         self.check_envelope(phone, t, msg)  # Exotel documents no error for extra fields
 
     def check_chunk(self, phone: _Phone, t: float, size: int) -> None:
-        """Exotel's outbound rules (doc §1.7): 320-byte multiples, >= minimum, <= 100 kB."""
+        """Exotel's outbound rules (docs/protocols.md, Exotel): 320-byte multiples, >= minimum, <= 100 kB."""
         n = phone.media_received
         if size % PACKET_BYTES:
             phone.violation(t, f"media #{n}: {size} bytes is not a multiple of {PACKET_BYTES}")

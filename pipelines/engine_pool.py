@@ -1,7 +1,7 @@
 """Engine pool: each call gets a PersonaPlex process of its own, for the call's whole life.
 
 A PersonaPlex server holds one conversation at a time. A second connection is upgraded, then
-waits silently, and its prompts can overwrite the first one's (docs/personaplex-protocol.md §6).
+waits silently, and its prompts can overwrite the first one's (docs/protocols.md, PersonaPlex).
 So engines are leased exclusively. An engine whose connect or handshake fails, or which dies
 mid-call, leaves the rotation. It is probed in the background with a full handshake, as a call
 would make, until it answers again.

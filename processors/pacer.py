@@ -2,7 +2,7 @@
 
 Pipecat's output sleeps one chunk at a time with no send-ahead lead (any late wake-up is a gap the
 caller hears), sends chunks below Exotel's minimum, and can send a chunk after `clear`
-(docs/pipecat-1.14-notes.md §4.3). Here the pacer keeps an estimate of the provider's playout
+(pipecat 1.14's base output transport). Here the pacer keeps an estimate of the provider's playout
 point and sends a chunk once it would start playing within `lead_secs`. When the provider's buffer
 has run dry, the first chunk waits `jitter_secs` (unless enough audio is already queued, as for a
 holding clip) so the chunks after it have that much slack against the engine's jitter.

@@ -4,7 +4,7 @@ The processor opens one per call, and the engine pool opens one to probe an engi
 rotation. The two ways this can fail mean different things. An engine that cannot be reached, or
 that says nothing before the deadline, is the engine's fault, so the pool takes it out of rotation.
 A close before the handshake is how the server rejects the prompts (an unknown voice, for
-example, docs/personaplex-protocol.md §3). That is the call's configuration, and the engine stays.
+example; docs/protocols.md, PersonaPlex). That is the call's configuration, and the engine stays.
 """
 
 import asyncio

@@ -1,4 +1,4 @@
-"""PersonaPlex WebSocket framing as pure code (docs/personaplex-protocol.md §1, §3, §5).
+"""PersonaPlex WebSocket framing as pure code (docs/protocols.md, PersonaPlex).
 
 Every message is binary `kind:u8 || payload`. The server reads `voice_prompt` and `text_prompt`
 from the query and crashes on `seed`, so the URL is built here and never carries one.

@@ -1,7 +1,7 @@
 """Silero VAD for many calls at once: one ONNX session per process, windows scored in batches.
 
 Pipecat gives every call its own ONNX session: ~40 ms of blocking load, ~11 MB each, and RSS that
-ratchets up ~11 MB per finished call (docs/pipecat-1.14-notes.md §8); each 32 ms window is then a
+ratchets up ~11 MB per finished call (measured on pipecat 1.14); each 32 ms window is then a
 separate run (~140 µs on this machine, most of it per-run overhead) and a thread hand-off. Here
 every call keeps only Silero's recurrent state and audio context, and the windows that calls have
 waiting are scored together in one run of the shared session (a batch of 32 costs ~38 µs per

@@ -1,7 +1,7 @@
 """Exotel Voicebot (AgentStream) wire protocol as pure code.
 
 Kept free of sockets, clocks and tasks so every rule in
-docs/telephony-protocols.md §1 can be unit-tested with plain strings; the
+docs/protocols.md (Exotel) can be unit-tested with plain strings; the
 WebSocket transport only moves the strings this class produces.
 """
 
@@ -20,7 +20,7 @@ from transports.frames import CallInfo, CallStartedFrame
 
 SUPPORTED_RATES = (8000, 16000, 24000)
 DEFAULT_RATE = 8000  # Exotel's documented default when ?sample-rate= is absent
-PACKET_BYTES = 320  # Exotel plays 320-byte packets; any other size leaves gaps (doc §1.7)
+PACKET_BYTES = 320  # Exotel plays 320-byte packets; any other size leaves gaps (docs/protocols.md, Exotel)
 DOC_MAX_CHUNK_BYTES = 100_000
 # The largest inbound message the platform may send: a 100 KB payload (read as KiB, to be safe),
 # base64, in its JSON envelope. Anything larger is refused before it is decoded.

@@ -1,6 +1,6 @@
 """Twilio Media Streams (bidirectional `<Connect><Stream>`) wire protocol as pure code.
 
-docs/telephony-protocols.md §2: μ-law 8 kHz both ways, camelCase keys, string numbers. Twilio
+docs/protocols.md, Twilio: μ-law 8 kHz both ways, camelCase keys, string numbers. Twilio
 answers a malformed outbound message with error 31951 and may end the stream, so outbound
 messages carry exactly the documented fields. A mark echo means "no longer queued" (played, or
 flushed by a `clear`), which is what the pacer needs to know. The TwiML endpoint, signature checks

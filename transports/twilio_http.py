@@ -1,7 +1,7 @@
 """Twilio's HTTP side as pure functions of a request: the TwiML answer and signature checks.
 
 Twilio signs every request with HMAC-SHA1 of the URL it requested (plus POST fields) keyed by the
-account's auth token (docs/telephony-protocols.md §2.6). For the WebSocket upgrade the signed URL
+account's auth token (docs/protocols.md, Twilio). For the WebSocket upgrade the signed URL
 is the `wss://` one from our TwiML, so behind a TLS proxy the URL we rebuild must map
 https -> wss, and must use the public host, not the one the proxy dialled. The check itself is
 the official SDK's (twilio.request_validator), which also tries the URL with and without the port.

@@ -1,6 +1,6 @@
 """Reference engine: a GPU-free stand-in that speaks the PersonaPlex server's WebSocket protocol.
 
-It reproduces the behaviour clients trip over (docs/personaplex-protocol.md sections 3-6 and 10): upgrade
+It reproduces the behaviour clients trip over (docs/protocols.md, PersonaPlex): upgrade
 before validation (bad parameters => 1006), one global session slot with silent queueing, a prompt phase
 that eats client messages, the exact handshake and header pages, a strict uplink Ogg reader whose
 violations close with 1000, and input-clocked 80 ms output. What it says is scripted instead of generated:

@@ -1,4 +1,4 @@
-"""The Exotel wire protocol, driven with the literal JSON Exotel documents (telephony-protocols.md §1)."""
+"""The Exotel wire protocol, driven with the literal JSON Exotel documents (docs/protocols.md, Exotel)."""
 
 import base64
 import json

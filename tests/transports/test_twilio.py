@@ -1,4 +1,4 @@
-"""The Twilio Media Streams protocol, driven with the JSON Twilio documents (telephony-protocols.md §2)."""
+"""The Twilio Media Streams protocol, driven with the JSON Twilio documents (docs/protocols.md, Twilio)."""
 
 import audioop
 import base64
