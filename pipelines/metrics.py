@@ -3,11 +3,26 @@
 Each server has its own registry rather than prometheus-client's global one, so several servers in
 one process (tests, benchmarks) do not mix their counts. Calls report through `CallLog`. Gauges
 that mirror live state (active calls, the engine pool) are read when Prometheus scrapes.
+
+The process's own figures are on the same registry, read at scrape time: `process_cpu_seconds_total`,
+`process_resident_memory_bytes`, `process_virtual_memory_bytes`, `process_open_fds`,
+`process_max_fds`, `process_start_time_seconds` (Linux: read from /proc), `python_info` and the
+garbage collector's `python_gc_*`. They are what the Deployment's requests and limits are checked
+against (configs/kubernetes/bridge.yaml).
 """
 
 import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
@@ -23,6 +38,9 @@ class Metrics:
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_*: CPU seconds, RSS, open fds (empty where /proc is missing)
+        PlatformCollector(registry=r)  # python_info: version and implementation
+        GCCollector(registry=r)  # python_gc_*: collections and objects collected, per generation
         self.active_calls = Gauge("bridge_active_calls", "Calls in progress", registry=r)
         self.calls = Counter("bridge_calls", "Finished calls by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
