@@ -146,6 +146,10 @@ class Group:
     log: Path | None = None
     error: str | None = None
     handle: object = None  # the `launched` context while it runs
+    deployment: int = 0  # index of its deployment in run_suite's `configs`
+    pid: int | None = None
+    cpu_at_ready: float | None = None  # the server process's CPU seconds once it was serving
+    cpu_secs: float | None = None  # ... used from then until just before it was stopped
 
 
 def _yaml(tgt: Target, group: Group, work: Path) -> Path:
@@ -162,7 +166,7 @@ def _yaml(tgt: Target, group: Group, work: Path) -> Path:
 
 def _start(group: Group, work: Path) -> None:
     """Launch the group's server (blocking: run in a thread); on failure, group.error says why."""
-    from pipelines.bench_conversation import keep_log
+    from pipelines.bench_conversation import keep_log, process_cpu_secs
     from pipelines.bench_fleet import bench_env
     from pipelines.launch import free_port, launched, run_command
 
@@ -183,11 +187,18 @@ def _start(group: Group, work: Path) -> None:
             return
         keep_log(server.proc, server.startup, str(group.log))
         group.handle, group.error = context, None
+        group.pid = server.proc.pid
+        group.cpu_at_ready = process_cpu_secs(group.pid)
         return
 
 
 def _stop(group: Group) -> None:
+    from pipelines.bench_conversation import process_cpu_secs
+
     if group.handle is not None:
+        cpu = process_cpu_secs(group.pid)
+        if cpu is not None and group.cpu_at_ready is not None:
+            group.cpu_secs = round(cpu - group.cpu_at_ready, 3)
         group.handle.__exit__(None, None, None)
         group.handle = None
 
@@ -209,6 +220,10 @@ class Run:
     wall_secs: float = 0.0
     record: str | None = None
     note: str | None = None
+    deployment: int = 0  # index of its deployment in run_suite's `configs`
+    first_audio_ms: float | None = None  # the first voiced chunk's arrival, from the call's start
+    underruns: int | None = None  # the caller's playout ran dry inside an utterance (see `underruns`)
+    pacer_underruns: int | None = None  # the server's pacer's own count (its call record)
 
     @property
     def passed(self) -> bool:
@@ -274,17 +289,51 @@ async def call_scenario(tgt: Target, scenario, url: str, call_id: str, clips: di
     run.error = error
     run.clears = len(result.clear_times) if result else 0
     run.record = str(record_dir) if record_dir else None
+    if result is not None:
+        run.first_audio_ms = first_audio_ms(result)
+        run.underruns = underruns(result)
+    ended = [e for e in record or [] if e.get("event") == "call_ended"]
+    pacer = ((ended[-1].get("stats") or {}).get("pacer") or {}) if ended else {}
+    if "underruns" in pacer:
+        run.pacer_underruns = int(pacer["underruns"])
     return run, result, ctx
 
 
+GAP_TOLERANCE = 0.005  # playout gaps up to this long are not underruns (as processors/pacer.py)
+
+
+def first_audio_ms(result) -> float | None:
+    """When the caller first heard voiced audio (a chunk's arrival), ms from the call's start."""
+    return next((round(c.t * 1000, 1) for c in result.chunks if c.voiced), None)
+
+
+def underruns(result, tolerance: float = GAP_TOLERANCE) -> int:
+    """Underruns the caller heard: a voiced chunk arriving more than `tolerance` after the playout of the
+    previous chunk, itself voiced, had run dry. A mark (the end of an utterance) or a clear ends the run
+    of speech, so the pause between two utterances is not one."""
+    breaks = sorted([t for t, _ in result.marks] + list(result.clear_times))
+    rate = result.sample_rate
+    n, b, prev = 0, 0, None
+    for c in result.chunks:
+        while b < len(breaks) and breaks[b] <= c.t:
+            b, prev = b + 1, None
+        if c.voiced and prev is not None and prev.voiced and c.t > (prev.start + prev.samples) / rate + tolerance:
+            n += 1
+        prev = c
+    return n
+
+
 async def run_suite(configs: list[str] | None = None, only: list[str] | None = None, repeat: int = 1, concurrency: int = 5,
-                    work_dir: str | os.PathLike | None = None, progress=print) -> SuiteResult:
-    """Every selected scenario `repeat` times on every deployment, through real servers; the judged runs."""
+                    work_dir: str | os.PathLike | None = None, progress=print, suite: list | None = None) -> SuiteResult:
+    """Every selected scenario `repeat` times on every deployment, through real servers; the judged runs.
+    `suite`: these loaded scenarios instead of the shipped ones (`only` picks among them by name). The
+    same file given twice is two deployments, each with its own servers (runs and servers carry the
+    index of theirs in `configs`)."""
     from pipelines import scenarios as scenario_mod
     from pipelines.audio import read_wav, write_wav
 
     t_start = time.monotonic()
-    suite = scenario_mod.load_all(only)
+    suite = scenario_mod.load_all(only) if suite is None else [s for s in suite if not only or s.name in only]
     tgts = [target(c) for c in (configs or DEFAULT_CONFIGS)]
     tmp = None
     if work_dir is None:
@@ -296,16 +345,16 @@ async def run_suite(configs: list[str] | None = None, only: list[str] | None = N
     notes: list[str] = []
     groups: dict[tuple, Group] = {}
     jobs: list[tuple[Group, object, int]] = []
-    for tgt in tgts:
+    for index, tgt in enumerate(tgts):
         for scenario in suite:
             if tgt.provider not in scenario.providers:
                 continue
             engine, note = engine_options(tgt, scenario)
             if note and note not in notes:
                 notes.append(note)
-            key = (str(tgt.config), json.dumps(engine, sort_keys=True))
+            key = (index, json.dumps(engine, sort_keys=True))
             if key not in groups:
-                groups[key] = Group(f"{tgt.provider}-{len(groups) + 1}", tgt, engine, [], 0)
+                groups[key] = Group(f"{tgt.provider}-{len(groups) + 1}", tgt, engine, [], 0, deployment=index)
             group = groups[key]
             group.scenarios.append(scenario.name)
             jobs += [(group, scenario, k) for k in range(repeat)]
@@ -331,6 +380,7 @@ async def run_suite(configs: list[str] | None = None, only: list[str] | None = N
                 progress(f"server {g.name} ({g.target.config.name}) did not start: {g.error}")
         semaphore = asyncio.Semaphore(max(1, concurrency))
         audio_dir = work / "heard"
+        shared_provider = len({t.provider for t in tgts}) < len(tgts)  # heard files then name the deployment
         audio_dir.mkdir(exist_ok=True)
 
         async def one(n: int, group: Group, scenario, k: int) -> None:
@@ -338,29 +388,34 @@ async def run_suite(configs: list[str] | None = None, only: list[str] | None = N
             if group.error:
                 run = Run(scenario.name, group.target.provider, group.target.config.name, k, call_id,
                           error=f"server did not start: {group.error}")
+                run.deployment = group.deployment
             else:
                 async with semaphore:
                     run, result, _ = await call_scenario(group.target, scenario, group.target.url(group.port), call_id,
                                                          clips_of(group.target), group=group)
+                    run.deployment = group.deployment
                     if result is not None:
-                        write_wav(audio_dir / f"{scenario.name}-{group.target.provider}-r{k + 1}.wav", result.heard, result.sample_rate)
+                        tag = group.target.provider + (f"-d{group.deployment + 1}" if shared_provider else "")
+                        write_wav(audio_dir / f"{scenario.name}-{tag}-r{k + 1}.wav", result.heard, result.sample_rate)
             run.repeat = k + 1
             run.note = next((n_ for n_ in notes if f" {scenario.name} ran " in n_), None)
             runs.append(run)
             failed = [c.kind for c in run.checks if not c.passed]
-            progress(f"[{len(runs)}/{len(jobs)}] {run.provider:<7} {run.scenario:<24} r{run.repeat}: "
+            who = f"{run.provider} #{run.deployment + 1}" if shared_provider else run.provider
+            progress(f"[{len(runs)}/{len(jobs)}] {who:<7} {run.scenario:<24} r{run.repeat}: "
                      f"{'PASS' if run.passed else 'FAIL ' + ','.join(failed or ['error'])} -- {run.heard}")
 
         await asyncio.gather(*(one(n, g, s, k) for n, (g, s, k) in enumerate(jobs)))
     finally:
         await asyncio.gather(*(asyncio.to_thread(_stop, g) for g in groups.values()))
-        servers = [{"name": g.name, "config": g.target.config.name, "engine": g.engine, "scenarios": g.scenarios,
-                    "error": g.error} for g in groups.values()]
+        counts = Counter((r.deployment, r.scenario) for r in runs)
+        servers = [{"name": g.name, "config": g.target.config.name, "deployment": g.deployment, "engine": g.engine,
+                    "scenarios": g.scenarios, "error": g.error, "calls": sum(counts[(g.deployment, s)] for s in g.scenarios),
+                    "cpu_secs": g.cpu_secs} for g in groups.values()]
         if tmp is not None:
             tmp.cleanup()
     order = {s.name: i for i, s in enumerate(suite)}
-    providers = [t.provider for t in tgts]
-    runs.sort(key=lambda r: (order[r.scenario], providers.index(r.provider), r.repeat))
+    runs.sort(key=lambda r: (order[r.scenario], r.deployment, r.repeat))
     return SuiteResult(runs, notes, servers, round(time.monotonic() - t_start, 1))
 
 
