@@ -8,7 +8,7 @@ the provider's uplink chunking, both WebSockets and the server's whole pipeline.
 
 - barge-in: the bot talks from ~1.5 s (our script engine: clip at 0.8 s of its step timeline after a
   0.5 s handshake; stock: `--speak-at 1.5`, same clip); the caller is silent, then says
-  tests/fixtures/interrupt_8k.wav from `--speech-at`. Latency = energy onset of that speech -> the
+  pipelines/speech/interrupt_8k.wav from `--speech-at`. Latency = energy onset of that speech -> the
   first `clear` the caller receives. Stale = non-silent media received after that `clear` until the
   interrupted utterance would have ended (as timed by the cadence calls); for ours, at most until
   bot_speech's mute ends: this script engine never yields, so after the bounded mute the model is
@@ -444,7 +444,7 @@ def bench_conversation(args) -> int:
     from pipelines.bench_stock import stock_server_command
     from pipelines.config import CONFIG_DIR
     from pipelines.launch import free_port, free_ports, launched, run_command
-    from tests.fixtures import energy_onset, fixture_wav
+    from pipelines.speech import energy_onset, fixture_wav
 
     argv = command_argv(["bench", "conversation", "..."])
     for line in machine_lines(argv):

@@ -207,7 +207,7 @@ def read_records(records: Path | None, outcomes: dict[str, dict]) -> None:
 def call_audio(speech_at: float, seconds: float) -> tuple[np.ndarray, float]:
     """Silence, then the fixture's real speech from `speech_at`, then silence to `seconds`; and the
     speech's energy onset in s (the barge-in moment)."""
-    from tests.fixtures import energy_onset, fixture_wav
+    from pipelines.speech import energy_onset, fixture_wav
 
     said, rate = fixture_wav(FIXTURE)
     assert rate == RATE

@@ -5,7 +5,7 @@ process) run as their own processes; the N callers run here at the provider's re
 (Exotel 100 ms, Twilio 20 ms), their starts spread uniformly at random over `--arrival-secs`. Each
 engine says configs/clips/apology.wav (5.7 s) at 0.8 s and 8.0 s of its step timeline (which starts
 after its 0.5 s handshake, so ~1.3 s and ~8.5 s on the caller's); each caller is silent, then says
-tests/fixtures/interrupt_8k.wav from 10.0 s, over the second utterance, then is silent to `--duration`.
+pipelines/speech/interrupt_8k.wav from 10.0 s, over the second utterance, then is silent to `--duration`.
 
 Figures (caller's timeline: t=0 when `start` is sent; p95/p99 nearest-rank over all calls):
 - CPU: % of one core from /proc/PID/stat, sampled every 0.5 s, over the window where every call is up

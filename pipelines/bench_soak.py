@@ -4,7 +4,7 @@ Same processes as `bench load` (the bridge on a copy of CONFIG, C reference engi
 callers here at the provider's cadence). A wave is C calls started within 0.5 s; the next starts once
 every call of the wave has ended and the bridge's /stats shows no call and no connection. Each call has
 the bot speaking from the start (the greeting, then apology.wav from the engine's handshake) and the
-caller saying tests/fixtures/interrupt_8k.wav from 1.0 s, so Silero VAD and barge-in run on every call.
+caller saying pipelines/speech/interrupt_8k.wav from 1.0 s, so Silero VAD and barge-in run on every call.
 
 After each wave: calls done, failed (caller error or a record not `completed`), the bridge's VmRSS and
 its change, threads and open file descriptors (/proc). At the end: RSS growth per finished call = the

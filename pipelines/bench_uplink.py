@@ -1,6 +1,6 @@
 """`python -m pipelines bench uplink`: CPU and decoded quality of the uplink Opus encoders.
 
-Caller speech from tests/fixtures (8 kHz telephony and 16 kHz wideband, upsampled to 24 kHz with soxr
+Caller speech from pipelines/speech/ (8 kHz telephony and 16 kHz wideband, upsampled to 24 kHz with soxr
 as the resample processor does) is fed in 80 ms frames to sphn's ``OpusStreamWriter`` (the old uplink)
 and to ``OpusUplinkWriter`` at each complexity/application asked for, all in one process, interleaved
 over several rounds (best round kept). CPU is ``time.process_time`` per second of audio, in % of one
@@ -28,7 +28,7 @@ SOURCES = ("question_8k", "interrupt_8k", "question_16k", "interrupt_16k")
 
 
 def caller_speech(name: str) -> tuple[np.ndarray, int]:
-    from tests.fixtures import fixture_wav
+    from pipelines.speech import fixture_wav
 
     pcm, rate = fixture_wav(name)
     up = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, RATE, quality="LQ")

@@ -26,7 +26,7 @@ def bench_vad(args) -> int:
     from pipecat.audio.vad.vad_analyzer import VADState
 
     from processors.vad import VADParams
-    from tests.fixtures import energy_onset, fixture_wav
+    from pipelines.speech import energy_onset, fixture_wav
 
     logger.remove()  # the analyzer logs every set_params
     settings = {"pipecat": PipecatVADParams(), "ours": VADParams().pipecat()}

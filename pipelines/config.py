@@ -16,7 +16,10 @@ from pipelines.engine.reference import EngineOptions
 from pipelines.engine_pool import PoolParams
 from pipelines.errors import ConfigError, validation_problem
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE = Path(__file__).resolve().parent
+# The shipped deployments and clips: a wheel installs configs/ as pipelines/deployments/ (pyproject.toml's
+# package-dir); a source checkout and an editable install read the top-level configs/ itself.
+CONFIG_DIR = _PACKAGE / "deployments" if (_PACKAGE / "deployments").is_dir() else _PACKAGE.parent / "configs"
 
 _CONSTRUCTOR = yaml.SafeLoader("")  # types plain scalars exactly as yaml.safe_load would
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -97,14 +100,16 @@ class LoadedConfig:
 
 
 def resolve_path(name: str | os.PathLike) -> Path:
-    """A path as given, or a bare file name looked up in configs/."""
+    """A path as given, or a bare name (`exotel.yaml`, `exotel`) among the shipped deployments (CONFIG_DIR)."""
     path = Path(name)
     if path.exists():
         return path
-    candidate = CONFIG_DIR / path.name
-    if path.parent == Path(".") and candidate.exists():
-        return candidate
-    raise ConfigError(str(name), None, "", "no such file (looked in the current directory and configs/)")
+    if path.parent == Path("."):
+        for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(str(name), None, "", f"no such file (looked in the current directory and {CONFIG_DIR}; "
+                      "`python -m pipelines init DIR` copies the shipped deployments)")
 
 
 def format_loc(loc: tuple) -> str:

@@ -8,7 +8,7 @@ import pytest
 from pipelines.bench_stock import stock_server_command
 from pipelines.caller import place_call
 from pipelines.launch import free_port, launched
-from tests.fixtures import energy_onset, fixture_wav
+from pipelines.speech import energy_onset, fixture_wav
 
 SPEECH_AT = 2.5  # the caller starts talking here; the bot speaks from 1.0 s for about 6 s
 

@@ -40,7 +40,7 @@ from pipecat.workers.runner import WorkerRunner
 from pipelines import builder, config
 from pipelines.audio import read_wav
 from processors.llm_context import LLMContextProcessor
-from tests.fixtures import FIXTURES
+from pipelines.speech import FIXTURES
 from transports.frames import CallInfo, PacedAudioFrame
 
 ROOT = Path(__file__).resolve().parents[2]

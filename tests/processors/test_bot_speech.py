@@ -20,7 +20,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipelines.audio import read_wav
 from processors.bot_speech import BotSpeechParams, BotSpeechProcessor
 from processors.frames import ModelMuteFrame
-from tests.fixtures import FIXTURES
+from pipelines.speech import FIXTURES
 from tests.speech import speech
 
 RATE = 24000

@@ -18,7 +18,7 @@ from pipelines.engine.ogg import (
 )
 from processors.ogg_pages import OPUS_HEAD_MAGIC, OPUS_TAGS_MAGIC
 from processors.opus_uplink import APPLICATIONS, OpusUplinkWriter
-from tests.fixtures import FIXTURES
+from pipelines.speech import FIXTURES
 
 RATE = 24000
 PACKET = RATE // 50  # 20 ms

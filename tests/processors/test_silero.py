@@ -8,7 +8,7 @@ from pipecat.audio.vad.silero import SileroVADAnalyzer
 from processors import silero
 from processors.silero import BatchedSileroAnalyzer
 from processors.vad import VADParams
-from tests.fixtures import fixture_wav
+from pipelines.speech import fixture_wav
 
 RATE = 8000
 WINDOW = 256  # samples Silero scores at 8 kHz

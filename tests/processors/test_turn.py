@@ -15,7 +15,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from processors.turn import TurnParams, TurnProcessor
 from processors.vad import VADParams, VADProcessor
-from tests.fixtures import fixture_wav
+from pipelines.speech import fixture_wav
 from tests.processors.test_vad import MS, frames_of
 
 

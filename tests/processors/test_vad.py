@@ -19,7 +19,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 import processors.vad as vad
 from processors.frames import CallerVoiceFrame
 from processors.vad import VADParams, VADProcessor
-from tests.fixtures import energy_onset, fixture_wav
+from pipelines.speech import energy_onset, fixture_wav
 
 MS = 20
 

@@ -27,7 +27,7 @@ from pipelines.engine import ReferenceEngine
 from pipelines.launch import stop_process
 from pipelines.engine_pool import EnginePools
 from pipelines.server import CallServer
-from tests.fixtures import FIXTURES
+from pipelines.speech import FIXTURES
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = [
