@@ -82,20 +82,21 @@ class DeploymentConfig(_Strict):
 class LoadedConfig:
     """A validated deployment plus what is needed to report later errors against its source lines."""
 
-    def __init__(self, path: Path, config: DeploymentConfig, lines: dict[tuple, int]):
+    def __init__(self, path: Path, config: DeploymentConfig, lines: dict[tuple, tuple[str, int]]):
         self.path, self.config, self.lines = path, config, lines
 
     def error(self, loc: tuple, problem: str) -> ConfigError:
-        return ConfigError(str(self.path), line_of(self.lines, loc), format_loc(loc), problem)
+        file, line = line_of(self.lines, loc) or (str(self.path), None)
+        return ConfigError(file, line, format_loc(loc), problem)
 
     def validate_model(self, model: type[BaseModel], data: Any, loc: tuple) -> BaseModel:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise self.from_validation(exc, loc) from None
+            raise self.from_validation(exc, loc, model) from None
 
-    def from_validation(self, exc: ValidationError, prefix: tuple = ()) -> ConfigError:
-        loc, problem = validation_problem(exc)
+    def from_validation(self, exc: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None) -> ConfigError:
+        loc, problem = validation_problem(exc, model)
         return self.error(prefix + loc, problem)
 
 
@@ -119,8 +120,8 @@ def format_loc(loc: tuple) -> str:
     return out
 
 
-def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
-    """The line of the deepest part of `loc` that exists in the file."""
+def line_of(lines: dict[tuple, tuple[str, int]], loc: tuple) -> tuple[str, int] | None:
+    """(file, line) of the deepest part of `loc` that exists in the files."""
     for end in range(len(loc), -1, -1):
         if tuple(loc[:end]) in lines:
             return lines[tuple(loc[:end])]
@@ -130,30 +131,64 @@ def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
 def load(name: str | os.PathLike, environ: dict[str, str] | None = None) -> LoadedConfig:
     path = resolve_path(name)
     env = os.environ if environ is None else environ
+    lines: dict[tuple, tuple[str, int]] = {}
+    data = _read(path, env, lines, ())
+    loaded = LoadedConfig(path, None, lines)  # type: ignore[arg-type]
+    try:
+        loaded.config = DeploymentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise loaded.from_validation(exc, (), DeploymentConfig) from None
+    return loaded
+
+
+def _read(path: Path, env, lines: dict, chain: tuple[Path, ...]) -> dict:
+    """One file as data, on top of the file its `extends:` names (mappings merge key by key, this
+    file's values win; a list or a scalar replaces the base's). `lines` gets (file, line) per key."""
+    file = str(path)
     try:
         root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(str(path), mark.line + 1 if mark else None, "", f"invalid YAML: {exc.problem if hasattr(exc, 'problem') else exc}") from None
-    lines: dict[tuple, int] = {}
-    data = _construct(root, (), lines, env, str(path)) if root is not None else {}
-    loaded = LoadedConfig(path, None, lines)  # type: ignore[arg-type]
+        raise ConfigError(file, mark.line + 1 if mark else None, "", f"invalid YAML: {exc.problem if hasattr(exc, 'problem') else exc}") from None
+    own: dict[tuple, tuple[str, int]] = {}
+    data = _construct(root, (), own, env, file) if root is not None else {}
     if not isinstance(data, dict):
-        raise loaded.error((), "the file must be a mapping with transport:, processors: and friends")
-    try:
-        loaded.config = DeploymentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise loaded.from_validation(exc) from None
-    return loaded
+        raise ConfigError(file, 1, "", "the file must be a mapping with transport:, processors: and friends")
+    base_name = data.pop("extends", None)
+    if base_name is not None:
+        where = own.get(("extends",), (file, None))[1]
+        if not isinstance(base_name, str) or not base_name:
+            raise ConfigError(file, where, "extends", "must name a deployment file")
+        relative = path.parent / base_name
+        try:
+            base_path = relative if relative.is_file() else resolve_path(base_name)
+        except ConfigError as exc:
+            raise ConfigError(file, where, "extends", exc.problem) from None
+        if base_path.resolve() in chain + (path.resolve(),):
+            raise ConfigError(file, where, "extends", f"{base_name} extends this file again (a loop)")
+        data = _merge(_read(base_path, env, lines, chain + (path.resolve(),)), data, (), lines, own)
+    lines.update(own)
+    return data
+
+
+def _merge(base: Any, top: Any, loc: tuple, lines: dict, own: dict) -> Any:
+    if not (isinstance(base, dict) and isinstance(top, dict)):
+        for key in [k for k in lines if k[: len(loc)] == loc and len(k) > len(loc)]:
+            del lines[key]  # the base's lines below a replaced value no longer describe anything
+        return top
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(base[key], value, loc + (key,), lines, own) if key in base else value
+    return out
 
 
 def _construct(node: yaml.Node, loc: tuple, lines: dict, env, file: str) -> Any:
-    lines.setdefault(loc, node.start_mark.line + 1)
+    lines.setdefault(loc, (file, node.start_mark.line + 1))
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
-            lines[loc + (key,)] = key_node.start_mark.line + 1
+            lines[loc + (key,)] = (file, key_node.start_mark.line + 1)
             out[key] = _construct(value_node, loc + (key,), lines, env, file)
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -175,7 +210,7 @@ def _scalar(node: yaml.ScalarNode, loc: tuple, env, file: str) -> Any:
             raise ConfigError(file, node.start_mark.line + 1, format_loc(loc), f"environment variable {name} is not set (write ${{{name}:-default}} to make it optional)")
 
         text = _VAR.sub(substitute, text)
-        if whole and not node.style:  # unquoted ${X} takes the type its value spells, like a literal would
-            return yaml.safe_load(text) if text.strip() else None
-        return text
+        if whole and not node.style and not text.strip():
+            return None  # an unquoted ${X} that is empty leaves the key unset (its default), like `key:` would
+        return text  # a string, never re-read as YAML: the schema converts it ("5050" -> 5050, "no" stays "no")
     return _CONSTRUCTOR.construct_object(node, deep=True)
