@@ -4,18 +4,21 @@ Processor parameters are validated once at load time (so `validate` and `run` fa
 of the bad key) and instantiated anew for every call: processors keep per-call state.
 """
 
+import copy
+import functools
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameProcessor
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, ConfigDict, create_model
 
 from pipelines.config import LoadedConfig
 from pipelines.engine_pool import EnginePools, PoolParams
-from pipelines.errors import ParamsError
+from pipelines.errors import ParamsError, did_you_mean, model_fields
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from transports.frames import CallInfo
 
@@ -62,8 +65,7 @@ def plan(loaded: LoadedConfig) -> DeploymentPlan:
             params: BaseModel | dict = loaded.validate_model(entry.params, spec.params, loc)
             prepared = _prepare(loaded, entry, params, loc)
         else:
-            _check_kwargs(loaded, entry, spec.params, loc)
-            params = dict(spec.params)
+            params = _check_kwargs(loaded, entry, spec.params, loc)
         plans.append(ProcessorPlan(entry, params, spec.name, prepared))
     return DeploymentPlan(loaded, transport_params, plans)
 
@@ -79,27 +81,67 @@ def _prepare(loaded: LoadedConfig, entry: ProcessorEntry, params: BaseModel, loc
         raise loaded.error(loc + exc.loc, exc.problem) from None
 
 
-def _accepted_kwargs(cls) -> set[str]:
-    """Named parameters of every __init__ in the MRO: pipecat's BaseObject swallows unknown **kwargs."""
+def kwargs_model(cls) -> type[BaseModel]:
+    """The keyword arguments of every __init__ in the MRO as a pydantic model, typed by their
+    annotations: pipecat's BaseObject swallows unknown **kwargs, and nested `settings`/`params`
+    (pydantic models or dataclasses) are built from YAML mappings. An annotation pydantic cannot
+    check is taken as Any; the throwaway instance in `_check_kwargs` still tries the value."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    names: set[str] = set()
+    fields: dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
-        if init is not None and inspect.isfunction(init):
-            names |= {p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds}
-    return names - {"self"}
+        if init is None or not inspect.isfunction(init):
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # an annotation that names what its module does not import
+            hints = {}
+        for p in inspect.signature(init).parameters.values():
+            if p.kind not in kinds or p.name == "self" or p.name in fields:
+                continue
+            default = ... if p.default is inspect.Parameter.empty else p.default
+            fields[p.name] = (_checkable(hints.get(p.name, Any)), default)
+    config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    return create_model(f"{cls.__name__}Kwargs", __config__=config, **fields)
 
 
-def _check_kwargs(loaded: LoadedConfig, entry: ProcessorEntry, params: dict, loc: tuple):
-    """Unknown keys by signature, then one throwaway instance for wrong values."""
-    accepted = _accepted_kwargs(entry.cls)
-    for key in params:
-        if key not in accepted:
-            raise loaded.error(loc + (key,), f"unknown key for {entry.cls.__name__}; it takes {', '.join(sorted(accepted)) or 'nothing'}")
+def _checkable(annotation: Any) -> Any:
+    """The annotation where pydantic can check it; else Any, with mappings built into the dataclass
+    or model the annotation names (pipecat's settings dataclasses hold types pydantic cannot resolve)."""
+    try:  # a model of one field: complete only when pydantic can resolve every type inside it
+        probe = create_model("Probe", __config__=ConfigDict(arbitrary_types_allowed=True), value=(annotation, None))
+        if probe.__pydantic_complete__:
+            return annotation
+    except Exception:  # pydantic cannot build a validator for it
+        pass
+    target = next((t for t in (annotation, *typing.get_args(annotation)) if model_fields(t)), None)
+    return Any if target is None else Annotated[Any, BeforeValidator(functools.partial(_build, target))]
+
+
+def _build(target: type, value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    known = list(model_fields(target))
+    for key in value:
+        if key not in known:
+            raise ValueError(f"{target.__name__} has no key {key!r}{did_you_mean(key, known)}")
     try:
-        entry.cls(**params)
+        return target.model_validate(value) if issubclass(target, BaseModel) else target(**value)
     except (TypeError, ValueError) as exc:
-        raise loaded.error(loc, f"{entry.name}: {exc}") from None
+        raise ValueError(f"{target.__name__}: {exc}") from None
+
+
+def _check_kwargs(loaded: LoadedConfig, entry: ProcessorEntry, params: dict, loc: tuple) -> dict[str, Any]:
+    """Keys and values against the class's annotations, then one throwaway instance for the rest;
+    the keyword arguments as validated (nested models built)."""
+    model = kwargs_model(entry.cls)
+    validated = loaded.validate_model(model, params, loc)
+    kwargs = {key: getattr(validated, key) for key in params}
+    try:
+        entry.cls(**copy.deepcopy(kwargs))
+    except Exception as exc:  # whatever the class raises on values it refuses
+        raise loaded.error(loc, f"{entry.name}: {type(exc).__name__}: {exc}") from None
+    return kwargs
 
 
 def _takes_engine(p: ProcessorPlan) -> bool:
@@ -133,7 +175,7 @@ def new_processor(p: ProcessorPlan, engines: EnginePools) -> FrameProcessor:
             kwargs["prepared"] = p.prepared
         processor = p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
     else:
-        processor = p.entry.cls(**p.params, **kwargs)
+        processor = p.entry.cls(**copy.deepcopy(p.params), **kwargs)  # per call: services may change their settings
     processor.registry_name = p.name or p.entry.name  # the key of its stats in logs and /stats
     return processor
 

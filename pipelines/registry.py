@@ -5,6 +5,7 @@ Anything else is reached by dotted import path (`package.module.Class` or `packa
 so any pipecat FrameProcessor can be dropped into a pipeline; its `params:` become keyword arguments.
 """
 
+import difflib
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ def find_processor(type_name: str) -> ProcessorEntry:
     if type_name in registered:
         return registered[type_name]
     if "." not in type_name:
-        raise UnknownName(f"unknown processor {type_name!r}; registered: {', '.join(sorted(registered))}, or a dotted import path")
+        close = difflib.get_close_matches(type_name, registered, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownName(f"unknown processor {type_name!r}; {hint}registered: {', '.join(sorted(registered))}, or a dotted import path")
     module_name, _, attr = type_name.replace(":", ".").rpartition(".")
     try:
         obj: Any = getattr(importlib.import_module(module_name), attr)
@@ -98,5 +101,7 @@ def find_processor(type_name: str) -> ProcessorEntry:
 def find_transport(type_name: str) -> TransportEntry:
     registered = transports()
     if type_name not in registered:
-        raise UnknownName(f"unknown transport {type_name!r}; registered: {', '.join(sorted(registered))}")
+        close = difflib.get_close_matches(type_name, registered, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownName(f"unknown transport {type_name!r}; {hint}registered: {', '.join(sorted(registered))}")
     return registered[type_name]

@@ -12,12 +12,12 @@ import collections
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import Frame, InputAudioRawFrame, InputDTMFFrame
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from transports.frames import CallInfo, CallStoppedFrame, MarkPlayedFrame
 
@@ -29,6 +29,17 @@ ENVELOPE_BYTES = 4096  # JSON around a media payload: ids, sequence numbers, tim
 def base64_len(n: int) -> int:
     """Characters of base64 for n bytes: what a payload of n bytes costs on the wire."""
     return (n + 2) // 3 * 4
+
+
+def _call_rate(rate: int) -> int:
+    if rate not in CALL_RATES:
+        raise ValueError(f"must be one of {', '.join(map(str, CALL_RATES))}")
+    return rate
+
+
+CALL_RATES = (8000, 16000, 24000)
+# A call's sample rate in a params model: an int, so `${RATE}` (a string) converts like a literal would
+CallRate = Annotated[int, AfterValidator(_call_rate)]
 
 
 class RateLimit(BaseModel):

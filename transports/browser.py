@@ -40,7 +40,7 @@ from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from processors.frames import HOLDING_CONTEXT, EngineFailedFrame
-from transports.base import ENVELOPE_BYTES, Drop, RateLimit, base64_len, HttpReply, HttpRequest, JsonProtocol, audio_frame, audio_frames, dump
+from transports.base import ENVELOPE_BYTES, CallRate, Drop, RateLimit, base64_len, HttpReply, HttpRequest, JsonProtocol, audio_frame, audio_frames, dump
 from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
 
 PAGE_DIR = Path(__file__).parent / "browser_page"
@@ -57,7 +57,7 @@ class BrowserParams(BaseModel):
     path: str = Field("/browser/ws", description="WebSocket path the page connects to")
     page_path: str = Field("/", description="where the page is served; its scripts live under assets_path")
     assets_path: str = Field("/browser/assets", description="URL folder of the page's scripts")
-    sample_rate: Literal[8000, 16000, 24000] = Field(16000, description="both directions; the VAD takes 8/16 kHz")
+    sample_rate: CallRate = Field(16000, description="both directions; the VAD takes 8/16 kHz")
     chunk_ms: int = Field(40, ge=10, le=1000, description="audio per message, both directions; a multiple of 10 ms")
     prebuffer_ms: int = Field(80, ge=0, le=2000, description="the page starts playing once this much is queued")
     max_buffer_ms: int = Field(2000, ge=100, description="the page drops the oldest audio beyond this backlog")

@@ -15,10 +15,10 @@ from loguru import logger
 from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from transports.base import ENVELOPE_BYTES, Drop, JsonProtocol, RateLimit, audio_frame, audio_frames, base64_len, dtmf_frame, dump, pick, str_or_none
+from transports.base import CALL_RATES, ENVELOPE_BYTES, CallRate, Drop, JsonProtocol, RateLimit, audio_frame, audio_frames, base64_len, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
 
-SUPPORTED_RATES = (8000, 16000, 24000)
+SUPPORTED_RATES = CALL_RATES
 DEFAULT_RATE = 8000  # Exotel's documented default when ?sample-rate= is absent
 PACKET_BYTES = 320  # Exotel plays 320-byte packets; any other size leaves gaps (docs/protocols.md, Exotel)
 DOC_MAX_CHUNK_BYTES = 100_000
@@ -34,7 +34,7 @@ class ExotelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = "/exotel"
-    sample_rate: Literal[8000, 16000, 24000] | None = None
+    sample_rate: CallRate | None = None
     min_chunk_bytes: int = 3200
     max_chunk_bytes: int = DOC_MAX_CHUNK_BYTES
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, description=(

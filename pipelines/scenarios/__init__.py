@@ -362,17 +362,17 @@ def load(path: str | Path) -> Scenario:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(str(path), mark.line + 1 if mark else None, "", f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    lines: dict[tuple, int] = {}
+    lines: dict[tuple, tuple[str, int]] = {}
     data = _construct(root, (), lines, {}, str(path)) if root is not None else None
 
     def fail(loc: tuple, problem: str) -> ConfigError:
-        return ConfigError(str(path), line_of(lines, loc), format_loc(loc), problem)
+        return ConfigError(str(path), (line_of(lines, loc) or (None, None))[1], format_loc(loc), problem)
 
     def validated(model: type[BaseModel], value: Any, loc: tuple) -> BaseModel:
         try:
             return model.model_validate(value)
         except ValidationError as exc:
-            inner, problem = validation_problem(exc)
+            inner, problem = validation_problem(exc, model)
             where = loc + tuple(p for p in inner if not (isinstance(p, str) and p.startswith("function-after")))
             raise fail(where, problem) from None
 

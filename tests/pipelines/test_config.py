@@ -162,3 +162,83 @@ def test_an_engine_listed_twice_fails_at_start_up_with_its_line(tmp_path):
 def test_bad_engine_urls_name_the_key(tmp_path, urls, problem):
     err = error_of(write(tmp_path, GOOD), {"PERSONAPLEX_URL": urls})
     assert err.line == 8 and "engine.urls" in str(err) and problem in str(err)
+
+
+# ---- issue 15: substituted values stay strings; import-path kwargs typed; did you mean; extends ----
+
+
+def test_substituted_values_stay_strings_and_the_schema_converts_them(tmp_path):
+    """`${X}` is never re-read as YAML: "Note: be brief" is no mapping, "no" no False; "6060" and
+    "16000" still become the ints their keys want. An empty unquoted value leaves the default."""
+    path = write(tmp_path, GOOD.replace("server:\n", "server:\n  host: ${HOST}\n")
+                 .replace("    path: /exotel", "    path: /exotel\n    sample_rate: ${RATE}")
+                 .replace("      voice_prompt: ${VOICE:-NATF0.pt}", "      voice_prompt: ${VOICE:-NATF0.pt}\n      text_prompt: ${PROMPT}"))
+    env = {"HOST": "no", "RATE": "16000", "PROMPT": "Note: be brief", "PORT": "6060", "PERSONAPLEX_URL": ""}
+    deployment = load_plan(path, env)
+    cfg = deployment.loaded.config
+    assert cfg.server.host == "no" and cfg.server.port == 6060 and cfg.engine.urls == []
+    assert deployment.transport_params.sample_rate == 16000
+    assert deployment.processors[1].params.text_prompt == "Note: be brief"
+    err = error_of(path, env | {"RATE": "11025"})
+    assert (err.line, err.key) == (8, "transport.params.sample_rate") and "8000, 16000, 24000" in err.problem
+
+
+OPENAI = "  - type: pipecat.services.openai.llm.OpenAILLMService\n    params:\n      api_key: not-set\n"
+
+
+def test_import_path_kwargs_are_typed_and_nested_settings_built(tmp_path):
+    """pipecat 1.14 takes models as `settings=` dataclasses: a YAML mapping becomes one, checked key by key."""
+    pytest.importorskip("openai")
+    deployment = load_plan(write(tmp_path, GOOD + OPENAI + "      settings: {model: gpt-4.1, temperature: '0.3'}\n"))
+    settings = deployment.processors[-1].params["settings"]
+    assert type(settings).__name__ == "OpenAILLMSettings" and settings.model == "gpt-4.1"
+    typo = error_of(write(tmp_path, GOOD + OPENAI + "      settings: {temprature: 0.3}\n", "typo.yaml"))
+    assert (typo.line, typo.key) == (20, "processors[3].params.settings")
+    assert "no key 'temprature'; did you mean 'temperature'?" in typo.problem
+    wrong = error_of(write(tmp_path, GOOD + OPENAI + "      service_tier: [1, 2]\n", "wrong.yaml"))
+    assert wrong.key == "processors[3].params.service_tier" and "string" in wrong.problem
+
+
+@pytest.mark.parametrize("mutate, key, hint", [
+    (lambda t: t.replace("  port:", "  prot:"), "server.prot", "did you mean 'port'?"),
+    (lambda t: t.replace("    path: /exotel", "    min_chunk_byte: 3200"), "transport.params.min_chunk_byte", "did you mean 'min_chunk_bytes'?"),
+    (lambda t: t.replace("voice_prompt:", "voice_promt:"), "processors[1].params.voice_promt", "did you mean 'voice_prompt'?"),
+    (lambda t: t.replace("type: personaplex", "type: personaplx"), "processors[1].type", "did you mean 'personaplex'?"),
+    (lambda t: t.replace("type: exotel", "type: exotl"), "transport.type", "did you mean 'exotel'?"),
+])
+def test_unknown_keys_and_names_get_the_nearest_known_one(tmp_path, mutate, key, hint):
+    err = error_of(write(tmp_path, mutate(GOOD)))
+    assert err.key == key and hint in err.problem, str(err)
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    base = write(tmp_path, GOOD, "base.yaml")
+    mine = write(tmp_path, """\
+        extends: base.yaml
+        server: {host: 127.0.0.1}
+        processors:
+          - type: resample
+            params: {audio: input, rate: 24000}
+        """, "mine.yaml")
+    cfg = load_plan(mine, {"PORT": "7070"}).loaded.config
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 7070)  # merged with the base's server
+    assert [p.type for p in cfg.processors] == ["resample"]  # the list replaced
+    assert load_plan(base).loaded.config.server.host == "0.0.0.0"
+    shipped = write(tmp_path, "extends: exotel.yaml\nengine: {local_engines: 2}\n", "shipped.yaml")
+    deployment = load_plan(shipped)  # a bare name: the shipped deployment
+    assert deployment.loaded.config.engine.local_engines == 2 and len(deployment.processors) == 9
+
+
+def test_extends_errors_name_the_file_that_holds_the_mistake(tmp_path):
+    write(tmp_path, GOOD.replace("{audio: output, rate: call}", "{audio: sideways, rate: call}"), "base.yaml")
+    mine = write(tmp_path, "extends: base.yaml\nserver: {prot: 1}\n", "mine.yaml")
+    err = error_of(mine)
+    assert (err.file, err.line, err.key) == (str(mine), 2, "server.prot")
+    fixed = write(tmp_path, "extends: base.yaml\n", "fixed.yaml")
+    err = error_of(fixed)
+    assert (err.file, err.line, err.key) == (str(tmp_path / "base.yaml"), 16, "processors[2].params.audio")
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    assert "a loop" in error_of(tmp_path / "a.yaml").problem
+    missing = error_of(write(tmp_path, "extends: nowhere.yaml\n", "m.yaml"))
+    assert (missing.line, missing.key) == (1, "extends") and "no such file" in missing.problem
