@@ -1,7 +1,15 @@
 """configs/kubernetes/bridge.yaml: the manifests agree with the deployment file they carry and with the drain."""
 
+import copy
+import json
 import posixpath
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -142,3 +150,263 @@ def test_replicas_never_share_an_engine_list(deployment, container):
     shared = "PERSONAPLEX_URL" in env and (env["PERSONAPLEX_URL"].get("value") or "valueFrom" in env["PERSONAPLEX_URL"])
     assert not (shared and deployment["spec"]["replicas"] > 1), \
         "PERSONAPLEX_URL is set for a Deployment with replicas > 1: its pods would share engines"
+
+
+# --- the API schema, offline ---------------------------------------------------------------------
+
+
+def test_every_manifest_matches_the_kubernetes_api_schema(docs):
+    """Strict: an unknown or misspelt field (e.g. `securityContxt`) fails, as `kubectl apply` would
+    reject it. The schemas are kubernetes-validate's newest bundled version; no cluster needed."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.latest_version()
+    assert len(docs) >= 3
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {'.'.join(map(str, exc.path))} "
+                        f"(Kubernetes {version} schema)")
+
+
+def test_schema_validation_catches_a_misspelt_field(deployment):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    broken = copy.deepcopy(deployment)
+    container = broken["spec"]["template"]["spec"]["containers"][0]
+    container["securityContxt"] = container.pop("securityContext")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+# --- hardening -------------------------------------------------------------------------------------
+
+
+def test_pod_runs_as_the_images_non_root_user(pod, dockerfile):
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == dockerfile.uid != 0, \
+        f"runAsUser {security['runAsUser']} is not the image's USER {dockerfile.uid}"
+    assert security.get("runAsGroup", dockerfile.gid) == dockerfile.gid
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod.get("automountServiceAccountToken") is False, "the bridge never calls the API: no token in the pod"
+
+
+def test_container_is_locked_down(container):
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"] and not security["capabilities"].get("add")
+    assert not security.get("privileged") and "runAsUser" not in security, "the pod's user is the one place it is set"
+
+
+def test_only_emptydir_tmp_is_writable(pod, container, dockerfile):
+    """Read-only root: /tmp (the image's HOME too) is an emptyDir; every other mount is read-only."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert set(writable) == {"/tmp"}, f"writable mounts {sorted(writable)}: expected only /tmp"
+    assert "sizeLimit" in writable["/tmp"]["emptyDir"], "bound the scratch space"
+    assert dockerfile.env.get("HOME") == "/tmp", "the image's HOME should be the writable /tmp"
+
+
+def test_embedded_deployment_writes_no_records(loaded):
+    """The root filesystem is read-only: records need a volume of their own, so they stay off here."""
+    assert loaded.config.records is None or loaded.config.records.dir is None
+
+
+# --- resources from BENCHMARKS.md, "Load, soak and faults (issue 6)" -------------------------------
+
+RSS_AT_START_MIB = 121          # bench load: RSS at start, Silero loaded
+RSS_PER_CALL_MIB = 4.7          # soak: (214 - 121) MiB at 20 concurrent calls, the largest per-call figure
+CORE_PER_CALL = 0.029           # bench load --calls 30: 2.9 % of a core per call
+
+
+def quantity(text) -> float:
+    """A Kubernetes quantity as a number (cores, or bytes)."""
+    text = str(text)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[:-len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def test_requests_and_limits_follow_the_soak_figures(container):
+    resources = container["resources"]
+    requests, limits = resources["requests"], resources["limits"]
+    for key in ("cpu", "memory"):
+        assert key in requests and key in limits, f"{key}: set both a request and a limit"
+        assert quantity(requests[key]) <= quantity(limits[key])
+    calls = quantity(requests["cpu"]) / CORE_PER_CALL
+    peak = (RSS_AT_START_MIB + calls * RSS_PER_CALL_MIB) * 2**20
+    assert quantity(requests["memory"]) >= peak, \
+        f"memory request {requests['memory']} is under the modelled peak of {calls:.0f} calls, {peak / 2**20:.0f} MiB"
+    assert quantity(limits["memory"]) >= 1.5 * peak, "an OOM kill drops every call: leave the limit headroom"
+    assert quantity(limits["cpu"]) >= quantity(requests["cpu"]) + 1, \
+        "a CPU limit at the request throttles the loop (silence on every call) whenever a helper thread runs"
+
+
+def test_startup_probe_gives_the_bridge_time_to_load(loaded, container):
+    probe = container["startupProbe"]
+    get = probe["httpGet"]
+    assert get["path"] == "/healthz", "start-up is the process listening; /readyz also needs an engine in rotation"
+    assert port_number(container, get["port"]) == loaded.config.server.port
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 30, "Silero and the engines load before it listens"
+
+
+# --- the image --------------------------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "configs" / "kubernetes" / "Dockerfile"
+DOCKERIGNORE = ROOT / "configs" / "kubernetes" / "Dockerfile.dockerignore"
+
+
+class Instruction(NamedTuple):
+    op: str            # FROM, RUN, COPY, ...
+    args: str          # the rest of the line, continuation lines joined
+    heredoc: str       # the body of a <<EOF here-document, if any
+    stage: int         # index of the FROM it belongs to
+
+
+class Dockerfile:
+    def __init__(self, text: str):
+        self.instructions: list[Instruction] = []
+        lines, i, stage = text.splitlines(), 0, -1
+        while i < len(lines):
+            line = lines[i].strip()
+            i += 1
+            if not line or line.startswith("#"):
+                continue
+            while line.endswith("\\") and i < len(lines):
+                line = line[:-1] + " " + lines[i].strip()
+                i += 1
+            op, _, args = line.partition(" ")
+            body = []
+            here = re.search(r"<<-?'?\"?(\w+)'?\"?", args)
+            if here:
+                while i < len(lines) and lines[i].strip() != here[1]:
+                    body.append(lines[i])
+                    i += 1
+                i += 1
+            stage += op.upper() == "FROM"
+            self.instructions.append(Instruction(op.upper(), args.strip(), "\n".join(body), stage))
+        self.final = [x for x in self.instructions if x.stage == stage]
+        user = [x.args for x in self.final if x.op == "USER"]
+        assert user, "the final stage sets no USER: the bridge would run as root"
+        uid, _, gid = user[-1].partition(":")
+        self.uid, self.gid = int(uid), int(gid or uid)
+        self.env = {}
+        for x in self.final:
+            if x.op == "ENV":
+                self.env.update(dict(shlex.split(pair)[0].split("=", 1) for pair in shlex.split(x.args, posix=False)))
+
+    def stage_named(self, name: str) -> list[Instruction]:
+        [index] = [x.stage for x in self.instructions if x.op == "FROM" and x.args.split()[-1] == name]
+        return [x for x in self.instructions if x.stage == index]
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    return Dockerfile(DOCKERFILE.read_text())
+
+
+def position(instructions, predicate, what):
+    found = [i for i, x in enumerate(instructions) if predicate(x)]
+    assert found, f"Dockerfile: no {what}"
+    return found[0]
+
+
+def test_image_runs_as_a_named_non_root_user(dockerfile):
+    final = dockerfile.final
+    assert dockerfile.uid != 0 and dockerfile.gid != 0
+    assert any(x.op == "RUN" and f"--uid {dockerfile.uid}" in x.args for x in final), "create the user the image runs as"
+    user = position(final, lambda x: x.op == "USER", "USER")
+    assert user < position(final, lambda x: x.op == "CMD", "CMD")
+    assert all(x.op != "USER" or x.args.split(":")[0] not in ("0", "root") for x in final[user:])
+
+
+def test_base_is_python_slim(dockerfile):
+    base = next(x for x in dockerfile.instructions if x.op == "ARG" and x.args.startswith("BASE="))
+    assert re.fullmatch(r"BASE=python:3\.\d+-slim(-\w+)?", base.args), base.args
+    assert all(x.args.split()[0] == "${BASE}" for x in dockerfile.instructions if x.op == "FROM")
+
+
+def test_dependencies_are_a_layer_of_their_own_before_the_sources(dockerfile):
+    """The dependency list comes from pyproject.toml alone and is installed before the package,
+    which goes in with --no-deps: a source change reuses the dependency layer."""
+    requirements = dockerfile.stage_named("requirements")
+    copies = [x.args.split() for x in requirements if x.op == "COPY"]
+    assert copies == [["pyproject.toml", "./"]], f"the requirements stage may copy pyproject.toml only, got {copies}"
+    final = dockerfile.final
+    deps = position(final, lambda x: x.op == "RUN" and re.search(r"pip install (-r|--requirement) /tmp/requirements.txt", x.args),
+                    "pip install of the requirements")
+    package = position(final, lambda x: x.op == "RUN" and "/wheels" in x.args, "install of the built wheel")
+    assert deps < package
+    assert "--no-deps" in final[package].args and "pip check" in final[package].args
+    assert position(final, lambda x: x.op == "COPY" and "--from=requirements" in x.args, "copy of the list") < deps
+    # no source reaches the final stage: only the list and the wheel
+    assert all("--from=" in x.args for x in final if x.op in ("COPY", "ADD")), "sources copied into the final stage"
+    [source] = [x for x in dockerfile.instructions if x.op == "COPY" and x.args.split()[0] == "."]
+    assert source.stage == dockerfile.stage_named("wheel")[0].stage
+
+
+def test_requirements_program_yields_the_projects_dependencies(dockerfile, tmp_path):
+    """The here-document that writes requirements.txt, run against this pyproject.toml."""
+    [run] = [x for x in dockerfile.stage_named("requirements") if x.op == "RUN"]
+    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    (tmp_path / "program.py").write_text(run.heredoc)
+
+    def requirements(extras: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "program.py", extras], check=False, cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    plain = requirements("")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines() == project["dependencies"]
+    extra = next(iter(project.get("optional-dependencies", {})), None)
+    if extra:
+        more = requirements(extra).stdout.splitlines()
+        assert more[:len(project["dependencies"])] == project["dependencies"] and len(more) > len(project["dependencies"])
+    unknown = requirements("no-such-extra")
+    assert unknown.returncode != 0 and "no-such-extra" in unknown.stderr
+
+
+def test_image_runs_the_installed_package_in_exec_form(dockerfile):
+    final = dockerfile.final
+    [cmd] = [x for x in final if x.op == "CMD"]
+    argv = json.loads(cmd.args)  # exec form: a JSON array, so python is PID 1 and gets SIGTERM
+    assert argv[:4] == ["python", "-m", "pipelines", "run"] and len(argv) == 5
+    assert "/" not in argv[4] and (config.CONFIG_DIR / argv[4]).is_file(), \
+        f"{argv[4]}: the CMD should name a deployment the package ships (configs/), not a path in a source tree"
+    workdir = [x.args for x in final if x.op == "WORKDIR"][-1]
+    assert workdir not in ("/", "/app", "/src"), "`python -m` imports from the working directory: keep it empty"
+    assert position(final, lambda x: x.op == "WORKDIR", "WORKDIR") > position(final, lambda x: "/wheels" in x.args, "wheel")
+    assert any(x.op == "RUN" and "pipelines validate" in x.args for x in final), "check the installed package at build"
+
+
+def test_image_sends_onnxruntime_no_telemetry(dockerfile):
+    assert dockerfile.env.get("ORT_DISABLE_TELEMETRY") == "1"
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path, or a directory above it, decides."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        regex = "".join(".*" if part == "**" else re.escape(part).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+                        for part in re.split(r"(\*\*)", pattern))
+        if re.fullmatch(regex + "(/.*)?", path):
+            ignored = not negate
+    return ignored
+
+
+def test_build_context_holds_what_the_wheel_needs():
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    needed = ["pyproject.toml", "README.md", "pipelines/__init__.py", "pipelines/cli.py", "processors/__init__.py",
+              "transports/__init__.py", "configs/exotel.yaml", "configs/clips/greeting.wav"]
+    for path in needed:
+        assert (ROOT / path).exists(), path
+        assert not dockerignored(path, patterns), f"{path} is left out of the build context"
+    for path in (".git/HEAD", "tests/conftest.py", "records/x/events.jsonl", "pipelines/__pycache__/cli.cpython-311.pyc"):
+        assert dockerignored(path, patterns), f"{path} should stay out of the build context"
