@@ -136,6 +136,10 @@ async def run_call(websocket, clip: np.ndarray, speak_at: float) -> None:
 
 
 async def serve(args) -> None:
+    from pipelines.extras import require
+
+    for module in ("fastapi", "uvicorn"):
+        require(module, "bench", "the stock pipecat baseline")
     import uvicorn
     from fastapi import FastAPI, WebSocket
 
@@ -162,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logger.remove()  # before pipecat is imported, so its import-time banner obeys the level too
     logger.add(sys.stderr, level="INFO" if args.verbose else "WARNING")
-    asyncio.run(serve(args))
+    from pipelines.extras import MissingExtra
+
+    try:
+        asyncio.run(serve(args))
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

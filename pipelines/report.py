@@ -382,6 +382,9 @@ def main(argv: list[str]) -> int:
             print(f"warning: {wav}: unreadable ({exc}); timeline drawn without envelopes", file=sys.stderr)
             wav_path = None
     out = args.out or args.call_dir / "timeline.png"
+    from pipelines.extras import require
+
+    require("matplotlib", "report", "the timeline picture")
     try:
         render(events, out, wav_path)
     except OSError as exc:
