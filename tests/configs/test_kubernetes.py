@@ -161,12 +161,13 @@ def test_every_manifest_matches_the_kubernetes_api_schema(docs):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     version = kubernetes_validate.latest_version()
     assert len(docs) >= 3
+    errors = []
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {'.'.join(map(str, exc.path))} "
-                        f"(Kubernetes {version} schema)")
+            errors.append(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {'.'.join(map(str, exc.path))}")
+    assert not errors, f"against the Kubernetes {version} schema:\n" + "\n".join(errors)
 
 
 def test_schema_validation_catches_a_misspelt_field(deployment):
