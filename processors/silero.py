@@ -11,13 +11,18 @@ confidences are exactly those of pipecat's own analyzer fed 32 ms at a time.
 """
 
 import asyncio
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
-import onnxruntime
+
+# onnxruntime 1.32 otherwise writes a device id under ~/.cache and may send usage events; a bridge
+# on a read-only root filesystem (configs/kubernetes) must write nothing.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime  # noqa: E402
 from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 
