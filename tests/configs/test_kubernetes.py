@@ -70,7 +70,7 @@ def deployment_text(configmap, config_path):
 
 @pytest.fixture
 def loaded(deployment_text, tmp_path):
-    path = tmp_path / "exotel.yaml"
+    path = tmp_path / "bridge.yaml"
     path.write_text(deployment_text)
     return config.load(path, environ={})
 
@@ -135,13 +135,14 @@ def test_grace_period_covers_prestop_drain_and_finish(configmap, deployment_text
         f"terminationGracePeriodSeconds {grace} != preStop sleep {sleep} + drain_secs {drain} + DRAIN_FINISH_SECS {DRAIN_FINISH_SECS}"
 
 
-def test_embedded_deployment_is_configs_exotel_yaml(deployment_text):
-    """Only server: (and records:, off in a pod) may differ from the shipped configs/exotel.yaml."""
-    with open(ROOT / "configs" / "exotel.yaml") as f:
-        shipped = yaml.safe_load(f)
-    embedded = yaml.safe_load(deployment_text)
+def test_embedded_deployment_is_configs_exotel_yaml(loaded):
+    """The ConfigMap extends the shipped exotel.yaml: only server: and records: (off in a pod) differ,
+    so the processor chain is written once."""
+    shipped = config.load(ROOT / "configs" / "exotel.yaml", environ={}).config
+    embedded = loaded.config
     for key in ("transport", "engine", "processors"):
-        assert embedded.get(key) == shipped.get(key), f"ConfigMap's {key}: differs from configs/exotel.yaml"
+        assert getattr(embedded, key) == getattr(shipped, key), f"ConfigMap's {key}: differs from configs/exotel.yaml"
+    assert "processors:" not in yaml.safe_load(loaded.path.read_text()), "the chain is copied, not extended"
 
 
 def test_replicas_never_share_an_engine_list(deployment, container):
