@@ -183,6 +183,24 @@ def rows(a: dict, b: dict) -> list[list[str]]:
     return [[label, cell(key, a), cell(key, b), difference(key, a, b)[1]] for key, label, *_ in METRICS]
 
 
+def failures(done: dict) -> list[str]:
+    """One line per deployment and scenario with failed runs: how many, and the expectations that failed."""
+    from collections import Counter
+
+    lines = []
+    for side in "AB":
+        by_scenario: dict[str, list] = {}
+        for r in done[side]["runs"]:
+            if not r.passed:
+                by_scenario.setdefault(r.scenario, []).append(r)
+        for scenario, runs in by_scenario.items():
+            kinds = Counter(c.kind for r in runs for c in r.checks if not c.passed)
+            why = ", ".join(kinds) + (", error" if any(r.error for r in runs) else "")
+            total = sum(1 for r in done[side]["runs"] if r.scenario == scenario)
+            lines.append(f"failed in {side}: {scenario} {len(runs)}/{total} ({why})")
+    return lines
+
+
 def render_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
     from pipelines.bench_conversation import table
 
@@ -205,7 +223,7 @@ def plot(a: dict, b: dict, name_a: str, name_b: str, path: str | Path) -> Path:
     for i, key in enumerate(PLOTTED):
         ax = fig.add_subplot(2, 3, i + 1)
         label, unit = labels[key]
-        title = label.replace(" p50", "").replace(" (heard)", "")
+        title = label.replace(" p50", "").replace(" (heard)", "") + (", per server" if key == "cpu_per_call_s" else "")
         ax.set_title(title + (f" ({unit})" if unit else ""), fontsize=10)
         data = [a["values"][key], b["values"][key]]
         if not any(data):
@@ -277,7 +295,9 @@ def experiment(args) -> int:
     from pipelines.bench_scenarios import target
 
     logger.remove()  # the caller's per-violation warnings are in the runs
-    argv = command_argv(["experiment", args.a, args.b])
+    given = [f"--{k}={v}" for k, v in (("scenarios", args.scenarios), ("repeat", args.repeat), ("concurrency", args.concurrency))
+             if v is not None and v != {"repeat": 1, "concurrency": DEFAULT_CONCURRENCY}.get(k)]
+    argv = command_argv(["experiment", args.a, args.b, *given, *(["--only", *args.only] if args.only else [])])
     outcome: dict = {}
 
     def body() -> int:
@@ -301,6 +321,8 @@ def experiment(args) -> int:
     names = (args.a, args.b)
     print()
     print(render_table(done["A"], done["B"], *names))
+    for line in failures(done):
+        print(line)
     for note in done["notes"]:
         print(f"note: {note}")
     failed = [s for s in done["servers"] if s["error"]]

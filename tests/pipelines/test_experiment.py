@@ -60,6 +60,9 @@ def test_the_figures_and_their_differences():
     assert "2/3" in next(line for line in table if line.startswith("runs passed"))
     assert len(table) == 1 + len(experiment.METRICS)
 
+    runs_b = [_run(1, stop_ms=50, reply_s=1.2, stale=2), _run(1, reply_s=1.4)]
+    assert experiment.failures({"A": {"runs": []}, "B": {"runs": runs_b}}) == ["failed in B: s 1/2 (no_stale_audio)"]
+
 
 def test_underruns_are_gaps_inside_an_utterance_not_between_utterances():
     rate = 8000
