@@ -293,7 +293,9 @@ def experiment(args) -> int:
     from pipelines.bench_conversation import machine_lines
     from pipelines.bench_fleet import command_argv, guarded
     from pipelines.bench_scenarios import target
+    from pipelines.extras import require
 
+    require("matplotlib", "report", "the experiment's distribution PNG")  # before minutes of calls, not after
     logger.remove()  # the caller's per-violation warnings are in the runs
     given = [f"--{k}={v}" for k, v in (("scenarios", args.scenarios), ("repeat", args.repeat), ("concurrency", args.concurrency))
              if v is not None and v != {"repeat": 1, "concurrency": DEFAULT_CONCURRENCY}.get(k)]
