@@ -106,10 +106,8 @@ def import_pipecat(banner: bool = False) -> None:
     """Import pipecat, whose import logs a `ᓚᘏᗢ Pipecat ...` banner at INFO: silenced unless `banner`."""
     if "pipecat" in sys.modules:
         return
-    if banner:
-        import pipecat  # noqa: F401
-        return
-    logger.disable("pipecat")
+    if not banner:
+        logger.disable("pipecat")
     try:
         import pipecat  # noqa: F401
     finally:
@@ -303,7 +301,7 @@ def _call_scenario(args, deployment, url: str) -> int:
     if tgt.provider not in scenario.providers:
         print(f"error: {scenario.name} is for {', '.join(scenario.providers)}, not {tgt.provider}", file=sys.stderr)
         return EXIT_CONFIG
-    engine, note = engine_options(tgt, scenario)
+    engine, _note = engine_options(tgt, scenario)
     if scenario.model.model_says or scenario.model.engine:
         print(f"note: {scenario.name} expects the reference engine set up as {engine} (`bench scenarios` starts such a "
               "server itself)", file=sys.stderr)

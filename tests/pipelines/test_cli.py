@@ -23,7 +23,7 @@ def run_cli(*args, cwd=ROOT, env_extra=None, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("PERSONAPLEX_URL", cli.BANNER_ENV)}
     env["PYTHONPATH"] = str(ROOT)  # from any directory, this checkout's package
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=cwd, text=True, env=env, timeout=60,
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], check=False, cwd=cwd, text=True, env=env, timeout=60,
                           **({"capture_output": True} | kwargs))
 
 
