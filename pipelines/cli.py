@@ -392,6 +392,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
     p.set_defaults(func=cmd_call)
 
+    from pipelines.experiment import add_parser as add_experiment
+
+    add_experiment(sub)
+
     p = sub.add_parser("report", help="timeline picture and summary of a call record", add_help=False,
                        description="Render CALL_DIR/timeline.png and print a summary; `python -m pipelines report --help`.")
 
