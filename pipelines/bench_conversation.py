@@ -182,6 +182,10 @@ def speech_span(chunks: list[Chunk]) -> tuple[float, float] | None:
     return None if first is None else (first, last)
 
 
+def _p50_p95_max(values: list[float]) -> str:
+    return "/".join(f"{v:.0f}" if v is not None else "-" for v in (percentile(values, 50), percentile(values, 95), max(values, default=None)))
+
+
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile (p95 of fewer than 20 values is the maximum)."""
     if not values:
@@ -696,8 +700,8 @@ def report(done: list[Call], servers: list[Server], recent: dict, onset: float, 
                     under_secs = sum_stat(calls_stats, ids, "pacer", "underrun_secs")
                     refused = sum_stat(calls_stats, ids, "output", "stale_chunks_refused")
                     rows.append([part, n, f"{len(found)}/{len(ids)}",
-                                 "/".join(f"{v:.0f}" if v is not None else "-" for v in (percentile(greet, 50), percentile(greet, 95), max(greet, default=None))),
-                                 "/".join(f"{v:.0f}" if v is not None else "-" for v in (percentile(later, 50), percentile(later, 95), max(later, default=None))),
+                                 _p50_p95_max(greet),
+                                 _p50_p95_max(later),
                                  "-" if underruns is None else f"{underruns:.0f}",
                                  "-" if under_secs is None else f"{under_secs * 1000:.0f}",
                                  "-" if refused is None else f"{refused:.0f}"])

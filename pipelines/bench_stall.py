@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import websockets
 
-from pipelines.bench_conversation import machine_lines, table
+from pipelines.bench_conversation import RATE, machine_lines, table
 from pipelines.bench_fleet import CallRun, command_argv, fleet, guarded, run_call, script_options, write_json
 from pipelines.bench_load import CLIP, gap_figures, speech_gaps
-from pipelines.bench_conversation import RATE
 
 SAY = ((0.8, CLIP), (7.0, CLIP))  # bot speech from ~1.3 s to ~13.2 s on the victim's timeline
 CALL_SECS = 15.0

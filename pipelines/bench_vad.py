@@ -25,8 +25,8 @@ def bench_vad(args) -> int:
     from pipecat.audio.vad.vad_analyzer import VADParams as PipecatVADParams
     from pipecat.audio.vad.vad_analyzer import VADState
 
-    from processors.vad import VADParams
     from pipelines.speech import energy_onset, fixture_wav
+    from processors.vad import VADParams
 
     logger.remove()  # the analyzer logs every set_params
     settings = {"pipecat": PipecatVADParams(), "ours": VADParams().pipecat()}

@@ -106,7 +106,7 @@ class CallLog:
         self._muted_since: float | None = None
         self._muted_text: list[str] = []  # pieces seen while muted (the mute's `words` is preferred)
         self.outcome: str | None = None  # set by what decides it (drain, engine); the server fills the rest
-        started = datetime.datetime.now(datetime.timezone.utc)
+        started = datetime.datetime.now(datetime.UTC)
         if records_dir:
             try:
                 self._record = CallRecord(record_dir(records_dir, self.call_id, started), call.sample_rate, audio,

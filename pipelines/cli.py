@@ -44,7 +44,8 @@ def cmd_validate(args) -> int:
 
     names = " -> ".join(p.entry.name for p in deployment.processors)
     engine = (", ".join(cfg.engine.urls) or f"{cfg.engine.local_engines} embedded reference engines") if uses_engine(deployment) else "none used"
-    print(f"{deployment.loaded.path}: ok: {cfg.transport.type} on {cfg.server.host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '')}; processors: {names or '(none)'}; engine: {engine}")
+    where = f"{cfg.server.host}:{cfg.server.port}{getattr(deployment.transport_params, 'path', '')}"
+    print(f"{deployment.loaded.path}: ok: {cfg.transport.type} on {where}; processors: {names or '(none)'}; engine: {engine}")
     return 0
 
 
@@ -173,7 +174,8 @@ async def _serve(args) -> int:
     page = getattr(deployment.transport_params, "page_path", None)
     extra = f"; page: http://{server.host}:{server.port}{page}" if page else ""
     pool = f"; {len(engines.engines)} engine(s)" if engines.engines else ""
-    print(f"serving {cfg.transport.type} calls on ws://{server.host}:{server.port}{server.path} (stats: http://{server.host}:{server.port}/stats{extra}{pool})", flush=True)
+    address = f"{server.host}:{server.port}"
+    print(f"serving {cfg.transport.type} calls on ws://{address}{server.path} (stats: http://{address}/stats{extra}{pool})", flush=True)
     got = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

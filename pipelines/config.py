@@ -207,7 +207,8 @@ def _scalar(node: yaml.ScalarNode, loc: tuple, env, file: str) -> Any:
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(file, node.start_mark.line + 1, format_loc(loc), f"environment variable {name} is not set (write ${{{name}:-default}} to make it optional)")
+            problem = f"environment variable {name} is not set (write ${{{name}:-default}} to make it optional)"
+            raise ConfigError(file, node.start_mark.line + 1, format_loc(loc), problem)
 
         text = _VAR.sub(substitute, text)
         if whole and not node.style and not text.strip():

@@ -131,7 +131,7 @@ def _record_dirs(root: Path) -> list[tuple[datetime.datetime, str, Path]]:
         if not match or not entry.is_dir(follow_symlinks=False) or not os.path.isfile(os.path.join(entry.path, "events.jsonl")):
             continue
         try:
-            start = datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=datetime.timezone.utc)
+            start = datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=datetime.UTC)
         except ValueError:
             continue
         found.append((start, entry.name, Path(entry.path)))
@@ -156,7 +156,7 @@ def prune(root: str | Path, keep_days: float | None = None, max_total_bytes: int
 
     Only directories named as `record_dir` names them are considered or counted: other files and
     directories under `root`, and anything outside it, are never touched."""
-    now, root = now or datetime.datetime.now(datetime.timezone.utc), Path(root)
+    now, root = now or datetime.datetime.now(datetime.UTC), Path(root)
     live = {p.name for p in keep if p.parent.resolve() == root.resolve()}
     records = _record_dirs(root)
     sizes = {path: _size(path) for _, _, path in records} if max_total_bytes is not None else {}

@@ -45,7 +45,9 @@ from transports.frames import CallStartedFrame, CallStoppedFrame, MarkPlayedFram
 from transports.socket import CallSocket
 
 START_TIMEOUT = 10.0  # Exotel gives a bot 10 s; a connection that never starts a call is dropped
-MAX_FRAME = 4 * 1024 * 1024  # well above every transport's own limit (<= 145 kB by default), which drops and counts a larger message before decoding it; only beyond this does aiohttp close the socket
+# Well above every transport's own limit (<= 145 kB by default), which drops and counts a larger
+# message before decoding it; only beyond this does aiohttp close the socket.
+MAX_FRAME = 4 * 1024 * 1024
 RECENT_CALLS = 50  # finished calls whose processor stats /stats keeps
 HANGUP_TIMEOUT = 5.0
 DRAIN_FINISH_SECS = 15  # seconds after the drain deadline for the apology to play and sockets to close
@@ -340,7 +342,9 @@ class CallServer:
             seconds = time.monotonic() - call.started
             self.recent.append({"call_id": call.call_id, "provider": call.provider, "outcome": outcome,
                                 "seconds": round(seconds, 1), "stats": stats})
-            logger.info(f"call {call.call_id}: ended ({outcome}) after {seconds:.1f} s, {sum(protocol.dropped.values())} malformed messages dropped, {output.messages_sent} messages sent; {json.dumps(stats)}")
+            dropped = sum(protocol.dropped.values())
+            logger.info(f"call {call.call_id}: ended ({outcome}) after {seconds:.1f} s, {dropped} malformed messages dropped, "
+                        f"{output.messages_sent} messages sent; {json.dumps(stats)}")
 
     async def _read(self, socket: CallSocket, protocol, call: ActiveCall):
         """Provider messages into the pipeline until `stop`; the call ends with its reader, whatever ends it."""

@@ -47,7 +47,8 @@ DEFAULT_CLIPS = {"greeting": "clips/greeting.wav", "one_moment": "clips/one_mome
 class HoldingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    clips: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CLIPS), description="name: WAV path (relative to the YAML file, then the shipped clips: configs/, installed as pipelines/deployments/)")
+    clips: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CLIPS), description=(
+        "name: WAV path (relative to the YAML file, then the shipped clips: configs/, installed as pipelines/deployments/)"))
     prompt_clip: str | None = Field("greeting", description="plays from call start until the engine answers")
     prompt_repeat_secs: float = Field(5.0, gt=0, description="pause before the prompt clip repeats while the engine is still silent")
     slow_clip: str | None = Field("one_moment", description="plays when the model is silent after the caller's turn")

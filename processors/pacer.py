@@ -155,7 +155,8 @@ class PacerProcessor(FrameProcessor):
         if frame.sample_rate != self._rate or frame.num_channels != 1:
             self._wrong_rate += 1
             if self._wrong_rate == 1:
-                logger.error(f"call {self._call_id}: pacer got {frame.sample_rate} Hz x{frame.num_channels} audio on a {self._rate} Hz mono call; put `resample` (audio: output, rate: call) before it")
+                logger.error(f"call {self._call_id}: pacer got {frame.sample_rate} Hz x{frame.num_channels} audio on a {self._rate} Hz "
+                             "mono call; put `resample` (audio: output, rate: call) before it")
             return
         if self._utterance is None and self._queued_secs() >= self._params.lead_secs:
             self.stats["silence_dropped_secs"] += len(frame.audio) / 2 / self._rate

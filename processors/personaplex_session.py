@@ -45,21 +45,21 @@ async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, ti
             url, ssl=tls if tls is not None else tls_context(base_url),
             open_timeout=min(connect_timeout, timeout), close_timeout=1.0, ping_interval=None, compression=None, max_size=None,
         )
-    except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
+    except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
         what = "connecting timed out" if isinstance(exc, asyncio.TimeoutError) else f"cannot connect: {exc}"
         raise EngineUnreachable(f"{base_url}: {what}") from None
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise asyncio.TimeoutError()
+                raise TimeoutError()
             message = await asyncio.wait_for(ws.recv(), remaining)
             if isinstance(message, bytes) and wire.split(message)[0] == wire.HANDSHAKE:
                 return ws
     except asyncio.CancelledError:
         await ws.close()  # the call went away while the engine was still in its prompt phase
         raise
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await ws.close()
         raise EngineUnreachable(f"{base_url}: no handshake within {timeout:g} s") from None
     except websockets.ConnectionClosed:

@@ -91,7 +91,7 @@ def test_every_third_party_import_is_declared():
                 if not dists & (declared | extras):
                     missing.append(f"{path.relative_to(ROOT)}: {module} ({', '.join(sorted(dists))})")
     assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(sorted(set(missing)))
-    for module, dist in PROVIDED.items():
+    for dist in PROVIDED.values():
         assert dist is None or _name(dist) in declared
     # audioop is in the standard library up to Python 3.12 only
     uses_audioop = any("audioop" in _imports(p) for package in SHIPPED for p in (ROOT / package).rglob("*.py"))

@@ -21,7 +21,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from loguru import logger
@@ -40,7 +40,7 @@ from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from processors.frames import HOLDING_CONTEXT, EngineFailedFrame
-from transports.base import ENVELOPE_BYTES, CallRate, Drop, RateLimit, base64_len, HttpReply, HttpRequest, JsonProtocol, audio_frame, audio_frames, dump
+from transports.base import ENVELOPE_BYTES, CallRate, Drop, HttpReply, HttpRequest, JsonProtocol, RateLimit, audio_frames, base64_len, dump
 from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
 
 PAGE_DIR = Path(__file__).parent / "browser_page"

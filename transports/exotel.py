@@ -15,7 +15,20 @@ from loguru import logger
 from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from transports.base import CALL_RATES, ENVELOPE_BYTES, CallRate, Drop, JsonProtocol, RateLimit, audio_frame, audio_frames, base64_len, dtmf_frame, dump, pick, str_or_none
+from transports.base import (
+    CALL_RATES,
+    ENVELOPE_BYTES,
+    CallRate,
+    Drop,
+    JsonProtocol,
+    RateLimit,
+    audio_frames,
+    base64_len,
+    dtmf_frame,
+    dump,
+    pick,
+    str_or_none,
+)
 from transports.frames import CallInfo, CallStartedFrame
 
 SUPPORTED_RATES = CALL_RATES

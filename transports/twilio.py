@@ -16,7 +16,7 @@ from loguru import logger
 from pipecat.frames.frames import Frame
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from transports.base import Drop, RateLimit, HttpRequest, JsonProtocol, audio_frame, audio_frames, dtmf_frame, dump, pick, str_or_none
+from transports.base import Drop, HttpRequest, JsonProtocol, RateLimit, audio_frames, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
 from transports.twilio_http import check_upgrade, twiml_endpoint
 

@@ -10,7 +10,8 @@ Everything is counted in 80 ms steps, like the model, so behaviour depends only 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soxr

@@ -17,9 +17,10 @@ import ipaddress
 import ssl
 import tempfile
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Mapping, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -372,7 +373,7 @@ class ReferenceEngine:
             return False
         try:
             msg = await ws.receive(timeout=IS_ALIVE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return True
         if msg.type in _GONE:
             return False
@@ -463,7 +464,7 @@ def self_signed_ssl_context() -> ssl.SSLContext:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     san = x509.SubjectAlternativeName(
         [
             x509.DNSName("localhost"),

@@ -39,8 +39,8 @@ from pipecat.workers.runner import WorkerRunner
 
 from pipelines import builder, config
 from pipelines.audio import read_wav
-from processors.llm_context import LLMContextProcessor
 from pipelines.speech import FIXTURES
+from processors.llm_context import LLMContextProcessor
 from transports.frames import CallInfo, PacedAudioFrame
 
 ROOT = Path(__file__).resolve().parents[2]

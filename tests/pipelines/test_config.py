@@ -87,7 +87,8 @@ def test_env_substitution_with_defaults_and_types(tmp_path):
         (lambda t: t.replace("{audio: input, rate: 24000}", "{audio: sideways, rate: 24000}"), 11, "processors[0].params.audio", "input"),
         (lambda t: t.replace("type: exotel", "type: carrier-pigeon"), 4, "transport.type", "unknown transport"),
         (lambda t: t.replace("server:\n", "sever:\n"), 1, "sever", "unknown key"),
-        (lambda t: t.replace("  - type: resample\n    params: {audio: input", "  - type: pipecat.processors.frame_processor.NoSuchThing\n    params: {audio: input"), 10, "processors[0].type", "cannot import"),
+        (lambda t: t.replace("  - type: resample\n    params: {audio: input",
+                             "  - type: pipecat.processors.frame_processor.NoSuchThing\n    params: {audio: input"), 10, "processors[0].type", "cannot import"),
     ],
 )
 def test_errors_name_file_line_and_key(tmp_path, mutate, line, key, words):

@@ -143,7 +143,7 @@ async def test_waiters_are_served_first_come_first_served(engines, pools):
     tasks = []
     for i, name in enumerate(["w1", "w2", "w3"]):
         tasks.append(asyncio.create_task(wait(name)))
-        await until(lambda: pool.stats["waits"] == i + 1)  # queued before the next one asks
+        await until(lambda i=i: pool.stats["waits"] == i + 1)  # queued before the next one asks
     assert not served and pool.count(State.BUSY) == 2
 
     pool.release(b)

@@ -104,7 +104,7 @@ def test_an_ab_run_over_loopback_prints_both_columns_and_writes_json_and_png(tmp
     assert code == 0, printed
     header = next(line for line in printed.splitlines() if "B - A" in line)
     assert "A: " in header and "exotel.yaml" in header and "B: " in header and "exotel-barge.yaml" in header
-    for key, label, *_ in experiment.METRICS:
+    for _key, label, *_ in experiment.METRICS:
         assert any(line.startswith(label) for line in printed.splitlines()), label
 
     result = json.loads(out.read_text())

@@ -7,7 +7,6 @@ import socket
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import websockets
 from loguru import logger

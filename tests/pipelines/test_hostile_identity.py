@@ -339,7 +339,7 @@ def fill(root, name: str, size: int, mtime: float) -> None:
 
 async def test_retention_on_a_live_server_prunes_old_records_and_keeps_the_new_call(tmp_path):
     root = tmp_path / "records"
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ancient = time.time() - 400 * 86400
     stamp = lambda hours: (now - datetime.timedelta(hours=hours)).strftime("%Y%m%dT%H%M%S")  # noqa: E731
     fill(root, "20200101T000000-old1", 1000, ancient)  # older than keep_days: by the start in its name

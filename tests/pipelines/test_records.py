@@ -38,7 +38,7 @@ from processors.frames import BargeInFrame, ModelMuteFrame
 from transports.frames import CallInfo
 
 RATE = 8000
-START = datetime.datetime(2026, 11, 21, 8, 0, 0, tzinfo=datetime.timezone.utc)
+START = datetime.datetime(2026, 11, 21, 8, 0, 0, tzinfo=datetime.UTC)
 
 
 def tone(seconds: float, value: int) -> bytes:
@@ -451,8 +451,8 @@ def test_retention_by_size_deletes_the_oldest_and_never_a_live_call(tmp_path):
 
 async def test_retention_runs_at_start_off_the_loop_and_stops(tmp_path):
     root, outside = others(tmp_path)
-    old = finished_record(root, "old", datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3))
-    new = finished_record(root, "new", datetime.datetime.now(datetime.timezone.utc))
+    old = finished_record(root, "old", datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3))
+    new = finished_record(root, "new", datetime.datetime.now(datetime.UTC))
     retention = Retention(str(root), keep_days=1)
     retention.start()
 

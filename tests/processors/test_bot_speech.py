@@ -18,9 +18,9 @@ from pipecat.frames.frames import (
 from pipecat.tests.utils import SleepFrame, run_test
 
 from pipelines.audio import read_wav
+from pipelines.speech import FIXTURES
 from processors.bot_speech import BotSpeechParams, BotSpeechProcessor
 from processors.frames import ModelMuteFrame
-from pipelines.speech import FIXTURES
 from tests.speech import speech
 
 RATE = 24000

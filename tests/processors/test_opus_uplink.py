@@ -16,9 +16,9 @@ from pipelines.engine.ogg import (
     split_opus_packet,
     split_pages,
 )
+from pipelines.speech import FIXTURES
 from processors.ogg_pages import OPUS_HEAD_MAGIC, OPUS_TAGS_MAGIC
 from processors.opus_uplink import APPLICATIONS, OpusUplinkWriter
-from pipelines.speech import FIXTURES
 
 RATE = 24000
 PACKET = RATE // 50  # 20 ms

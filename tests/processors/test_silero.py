@@ -5,10 +5,10 @@ import asyncio
 import numpy as np
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 
+from pipelines.speech import fixture_wav
 from processors import silero
 from processors.silero import BatchedSileroAnalyzer
 from processors.vad import VADParams
-from pipelines.speech import fixture_wav
 
 RATE = 8000
 WINDOW = 256  # samples Silero scores at 8 kHz

@@ -17,9 +17,9 @@ from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADPro
 from pipecat.tests.utils import SleepFrame, run_test
 
 import processors.vad as vad
+from pipelines.speech import energy_onset, fixture_wav
 from processors.frames import CallerVoiceFrame
 from processors.vad import VADParams, VADProcessor
-from pipelines.speech import energy_onset, fixture_wav
 
 MS = 20
 

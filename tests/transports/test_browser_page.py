@@ -24,8 +24,8 @@ from pipelines import builder, config
 from pipelines.audio import read_wav, write_wav
 from pipelines.config import CONFIG_DIR
 from pipelines.engine import ReferenceEngine
-from pipelines.launch import stop_process
 from pipelines.engine_pool import EnginePools
+from pipelines.launch import stop_process
 from pipelines.server import CallServer
 from pipelines.speech import FIXTURES
 

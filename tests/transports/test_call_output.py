@@ -11,11 +11,11 @@ from aiohttp import web
 from pipecat.frames.frames import InterruptionFrame, OutputAudioRawFrame, SpeechOutputAudioRawFrame, TTSStoppedFrame
 from pipecat.tests.utils import SleepFrame, run_test
 
+from tests.speech import speech
 from transports.call_output import CallOutput
 from transports.exotel import ExotelParams, ExotelProtocol
 from transports.frames import MarkFrame, PacedAudioFrame
 from transports.socket import CallSocket
-from tests.speech import speech
 
 RATE = 8000
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import sphn
 
-from tests.speech import speech_float
 from pipelines.engine.ogg import (
     DOWNLINK_SERIAL,
     FRAME_SAMPLES,
@@ -27,6 +26,7 @@ from pipelines.engine.ogg import (
     split_pages,
     write_page,
 )
+from tests.speech import speech_float
 
 
 def speech_24k() -> np.ndarray:

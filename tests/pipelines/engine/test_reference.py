@@ -19,10 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from pipelines.audio import PIPECAT_SPEECH_WAV
-from tests.speech import speech_float
-from pipelines.engine import EngineOptions, ReferenceEngine
+from pipelines.engine import EngineOptions, ReferenceEngine, reference
 from pipelines.engine.ogg import FRAME_SAMPLES, frame_duration_us, parse_page, split_opus_packet, split_pages
-from pipelines.engine import reference
 from pipelines.engine.reference import (
     SILENCE_RMS,
     ScriptAgent,
@@ -31,6 +29,7 @@ from pipelines.engine.reference import (
     main,
     self_signed_ssl_context,
 )
+from tests.speech import speech_float
 
 ROOT = Path(__file__).resolve().parents[3]
 ONE_MOMENT_WAV = ROOT / "configs/clips/one_moment.wav"  # trimmed: speech from its first sample
@@ -88,7 +87,7 @@ class Caller:
         while True:
             try:
                 out.append(await asyncio.wait_for(self.ws.recv(), quiet))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return out
 
     async def audio_pages(self, n: int, timeout: float = 5) -> tuple[list[bytes], list[tuple[int, str]]]:
