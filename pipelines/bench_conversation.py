@@ -443,12 +443,12 @@ def bench_conversation(args) -> int:
 
     logger.remove()  # before pipecat's import-time banner; the caller's per-chunk warnings are counted in the tables
 
-    from pipelines.audio import read_wav
     from pipelines.bench_fleet import command_argv, guarded
     from pipelines.bench_stock import stock_server_command
     from pipelines.config import CONFIG_DIR
     from pipelines.launch import free_port, free_ports, launched, run_command
     from pipelines.speech import energy_onset, fixture_wav
+    from processors.audio import read_wav
 
     argv = command_argv(["bench", "conversation", "..."])
     for line in machine_lines(argv):

@@ -330,7 +330,7 @@ async def run_suite(configs: list[str] | None = None, only: list[str] | None = N
     same file given twice is two deployments, each with its own servers (runs and servers carry the
     index of theirs in `configs`)."""
     from pipelines import scenarios as scenario_mod
-    from pipelines.audio import read_wav, write_wav
+    from processors.audio import read_wav, write_wav
 
     t_start = time.monotonic()
     suite = scenario_mod.load_all(only) if suite is None else [s for s in suite if not only or s.name in only]

@@ -33,7 +33,7 @@ def stock_server_command(port: int, speak_at: float, script_wav: str | None) -> 
 
 def load_clip(script_wav: str | None) -> np.ndarray:
     """The bot's speech: `script_wav`, or pipecat's speech sample repeated to ~6 s; int16 at 24 kHz, whole 40 ms frames."""
-    from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav
+    from processors.audio import PIPECAT_SPEECH_WAV, read_wav
 
     if script_wav:
         clip = read_wav(script_wav, TTS_RATE)

@@ -79,7 +79,7 @@ def print_voiced(params) -> None:
     from pipecat.audio.vad.vad_analyzer import VADState
 
     import pipelines.scenarios
-    from pipelines.audio import read_wav
+    from processors.audio import read_wav
 
     audio = Path(pipelines.scenarios.__file__).parent / "audio"
     print(f"\n{'clip (8 kHz)':<16}{'length s':>9}{'voiced s':>9}{'longest run s':>14}")

@@ -16,10 +16,11 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameProcessor
 from pydantic import BaseModel, BeforeValidator, ConfigDict, create_model
 
-from pipelines.config import LoadedConfig
+from pipelines.config import CONFIG_DIR, LoadedConfig
 from pipelines.engine_pool import EnginePools, PoolParams
-from pipelines.errors import ParamsError, did_you_mean, model_fields
+from pipelines.errors import did_you_mean, model_fields
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
+from processors.errors import ParamsError
 from transports.frames import CallInfo
 
 
@@ -76,7 +77,7 @@ def _prepare(loaded: LoadedConfig, entry: ProcessorEntry, params: BaseModel, loc
     if prepare is None:
         return None
     try:
-        return prepare(params, loaded.path.parent)
+        return prepare(params, loaded.path.parent, CONFIG_DIR)
     except ParamsError as exc:
         raise loaded.error(loc + exc.loc, exc.problem) from None
 

@@ -28,7 +28,7 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 
 from pipelines.call_log import CallLog
-from processors.frames import HOLDING_CONTEXT, BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame
+from transports.frames import HOLDING_CONTEXT, BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame
 
 _WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
             BotStartedSpeakingFrame, BotStoppedSpeakingFrame, BargeInFrame, ModelMuteFrame,

@@ -203,8 +203,8 @@ def engine_main(argv: list[str]) -> int:
 
 
 def cmd_call(args) -> int:
-    from pipelines.audio import read_wav, write_wav
     from pipelines.caller import place_call
+    from processors.audio import read_wav, write_wav
 
     deployment = _load_plan(args.config)
     cfg = deployment.loaded.config
@@ -295,8 +295,8 @@ def _call_scenario(args, deployment, url: str) -> int:
     import uuid
 
     from pipelines import scenarios
-    from pipelines.audio import read_wav, write_wav
     from pipelines.bench_scenarios import call_scenario, engine_options, target
+    from processors.audio import read_wav, write_wav
 
     scenario = scenarios.load(args.scenario)
     tgt = target(deployment.loaded.path)

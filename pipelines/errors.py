@@ -17,14 +17,6 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {key or '<top>'}: {problem}")
 
 
-class ParamsError(ValueError):
-    """A processor's `prepare` step rejected its params; `loc` is the key path inside `params:`."""
-
-    def __init__(self, loc: tuple, problem: str):
-        self.loc, self.problem = loc, problem
-        super().__init__(problem)
-
-
 def validation_problem(exc: ValidationError, model: type | None = None) -> tuple[tuple, str]:
     """pydantic's first error as (key path, one-line problem) in the words our error lines use; with
     the model, an unknown key gets the nearest known one."""

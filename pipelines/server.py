@@ -38,10 +38,9 @@ from pipelines.call_observer import CallObserver
 from pipelines.engine_pool import EnginePools
 from pipelines.metrics import Metrics
 from pipelines.records import Retention
-from processors.frames import EngineFailedFrame
 from transports.base import HttpRequest
 from transports.call_output import CallOutput
-from transports.frames import CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
+from transports.frames import CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame
 from transports.socket import CallSocket
 
 START_TIMEOUT = 10.0  # Exotel gives a bot 10 s; a connection that never starts a call is dropped

@@ -39,7 +39,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.frames import BargeInFrame, CallerVoiceFrame
+from transports.frames import BargeInFrame, CallerVoiceFrame
 
 
 class BargeInParams(BaseModel):

@@ -26,7 +26,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.frames import ModelMuteFrame
+from transports.frames import ModelMuteFrame
 
 
 class BotSpeechParams(BaseModel):

@@ -35,10 +35,9 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.audio import read_wav
-from pipelines.config import CONFIG_DIR
-from pipelines.errors import ParamsError
-from processors.frames import HOLDING_CONTEXT, EngineFailedFrame, FadeOutFrame, ModelMuteFrame
+from processors.audio import read_wav
+from processors.errors import ParamsError
+from transports.frames import HOLDING_CONTEXT, EngineFailedFrame, FadeOutFrame, ModelMuteFrame
 
 TELEPHONY_RATES = (8000, 16000, 24000)
 DEFAULT_CLIPS = {"greeting": "clips/greeting.wav", "one_moment": "clips/one_moment.wav", "apology": "clips/apology.wav"}
@@ -87,12 +86,14 @@ class HoldingProcessor(FrameProcessor):
     Params = HoldingParams
 
     @classmethod
-    def prepare(cls, params: HoldingParams, base_dir: Path) -> ClipBank:
-        """Resolve and render the clips once, at start-up; a missing or unreadable file names its clip."""
+    def prepare(cls, params: HoldingParams, *dirs: Path) -> ClipBank:
+        """Resolve and render the clips once, at start-up; a missing or unreadable file names its clip.
+        A relative path is looked up in `dirs` in order (the builder gives the YAML's directory, then the
+        shipped deployments'), or in the working directory without any."""
         paths = {}
         for name, given in params.clips.items():
             path = Path(given)
-            candidates = [path] if path.is_absolute() else [base_dir / path, CONFIG_DIR / path]
+            candidates = [path] if path.is_absolute() or not dirs else [d / path for d in dirs]
             found = next((p for p in candidates if p.is_file()), None)
             if found is None:
                 raise ParamsError(("clips", name), f"no such file {given!r} (looked in {', '.join(str(c.parent) for c in candidates)})")
@@ -109,7 +110,7 @@ class HoldingProcessor(FrameProcessor):
     def __init__(self, params: HoldingParams | None = None, *, prepared: ClipBank | None = None, **kwargs):
         super().__init__(**kwargs)
         self._params = params or HoldingParams()
-        self._bank = prepared or self.prepare(self._params, CONFIG_DIR)
+        self._bank = prepared or self.prepare(self._params)
         self._rate = 0
         self._engine_ready = asyncio.Event()
         self._failed = False

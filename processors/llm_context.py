@@ -36,7 +36,7 @@ from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.errors import ParamsError
+from processors.errors import ParamsError
 
 USER_HALF_ONLY = ("system_instruction", "user_speech_timeout", "interruptions")
 
@@ -72,7 +72,7 @@ class LLMContextProcessor(Pipeline):
     Params = LLMContextParams
 
     @classmethod
-    def prepare(cls, params: LLMContextParams, base_dir: Path) -> _Handoff:
+    def prepare(cls, params: LLMContextParams, *dirs: Path) -> _Handoff:
         """Pair the halves at load time: a `role: assistant` needs a `role: user` earlier in the list."""
         global _unpaired
         if params.role == "user":

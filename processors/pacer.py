@@ -36,8 +36,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.frames import FadeOutFrame
-from transports.frames import MarkFrame, MarkPlayedFrame, PacedAudioFrame
+from transports.frames import FadeOutFrame, MarkFrame, MarkPlayedFrame, PacedAudioFrame
 
 GAP_TOLERANCE = 0.005  # seconds of dry provider buffer that count as an underrun inside speech
 DEFAULT_CHUNK_MS = 20  # for providers without a chunk rule

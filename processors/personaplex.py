@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.engine_pool import EnginePool, NoEngine, PoolParams, State
 from processors import personaplex_wire as wire
-from processors.frames import EngineEventFrame, EngineFailedFrame
 from processors.opus_uplink import OpusUplinkWriter
 from processors.personaplex_session import EngineUnreachable, SessionRejected, open_session, tls_context
+from transports.frames import EngineEventFrame, EngineFailedFrame
 
 MODEL_RATE = 24000
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."

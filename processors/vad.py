@@ -27,9 +27,9 @@ from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADPro
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.frames import CallerVoiceFrame
 from processors.silero import RATES as SILERO_RATES
 from processors.silero import BatchedSileroAnalyzer
+from transports.frames import CallerVoiceFrame
 
 
 class VADParams(BaseModel):

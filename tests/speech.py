@@ -4,7 +4,7 @@ from functools import cache
 
 import numpy as np
 
-from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav
+from processors.audio import PIPECAT_SPEECH_WAV, read_wav
 
 
 @cache

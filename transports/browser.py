@@ -39,9 +39,8 @@ from pipecat.frames.frames import (
 from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from processors.frames import HOLDING_CONTEXT, EngineFailedFrame
 from transports.base import ENVELOPE_BYTES, CallRate, Drop, HttpReply, HttpRequest, JsonProtocol, RateLimit, audio_frames, base64_len, dump
-from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
+from transports.frames import HOLDING_CONTEXT, CallInfo, CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame
 
 PAGE_DIR = Path(__file__).parent / "browser_page"
 ASSETS = {"main.js": "text/javascript", "capture.js": "text/javascript", "playback.js": "text/javascript"}

@@ -27,7 +27,6 @@ from aiohttp import WSMsgType, web
 from loguru import logger
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav
 from pipelines.engine import converse
 from pipelines.engine.ogg import (
     FRAME_SAMPLES,
@@ -37,6 +36,7 @@ from pipelines.engine.ogg import (
     OpusPacketError,
     UplinkDecoder,
 )
+from processors.audio import PIPECAT_SPEECH_WAV, read_wav
 
 HANDSHAKE = b"\x00"
 KIND_AUDIO = 0x01

@@ -502,7 +502,7 @@ def _noise(spec: NoiseSpec, rate: int, seed: int) -> np.ndarray:
 
 
 def render(scenario: Scenario, rate: int) -> Rendered:
-    from pipelines.audio import read_wav
+    from processors.audio import read_wav
 
     model = scenario.model
     hang_up_at: float | None = None

@@ -11,8 +11,8 @@ import pytest
 from pipecat.frames.frames import InputAudioRawFrame
 from websockets.asyncio.server import serve
 
-from pipelines.audio import PIPECAT_SPEECH_WAV, read_wav, write_wav
 from pipelines.caller import place_call
+from processors.audio import PIPECAT_SPEECH_WAV, read_wav, write_wav
 from transports.exotel import ExotelParams, ExotelProtocol
 
 READY_WAV = PIPECAT_SPEECH_WAV

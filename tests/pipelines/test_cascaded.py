@@ -38,8 +38,8 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.workers.runner import WorkerRunner
 
 from pipelines import builder, config
-from pipelines.audio import read_wav
 from pipelines.speech import FIXTURES
+from processors.audio import read_wav
 from processors.llm_context import LLMContextProcessor
 from transports.frames import CallInfo, PacedAudioFrame
 

@@ -17,9 +17,9 @@ import numpy as np
 import websockets
 
 from pipelines import builder, config
-from pipelines.audio import write_wav
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.server import CallServer
+from processors.audio import write_wav
 
 ENGINES = 4
 CALLS = 60

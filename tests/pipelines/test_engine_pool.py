@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.engine_pool import EnginePool, EnginePools, NoEngine, PoolParams, State
 from pipelines.launch import free_port, free_ports
-from processors.frames import EngineEventFrame
 from processors.personaplex import PersonaPlexParams, PersonaPlexProcessor
 from processors.personaplex_session import EngineUnreachable, open_session
+from transports.frames import EngineEventFrame
 
 RATE = 24000
 FRAME = RATE // 50  # 20 ms

@@ -34,12 +34,12 @@ from loguru import logger
 from websockets.asyncio.client import connect
 
 from pipelines import builder, config
-from pipelines.audio import read_wav
 from pipelines.caller import CallResult, Exotel, _clock, _listen, _Phone, dial_url
 from pipelines.config import CONFIG_DIR
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.launch import free_port, free_ports, launched, run_command
 from pipelines.server import CallServer
+from processors.audio import read_wav
 from tests.pipelines.served import fetch, metric, rms
 from tests.pipelines.test_operations import events_of, names
 from tests.speech import speech

@@ -34,8 +34,7 @@ from pipelines.call_observer import CallObserver
 from pipelines.config import RecordsConfig
 from pipelines.metrics import Metrics
 from pipelines.records import MAX_LINE, MAX_STRING, CallRecord, Retention, StereoWav, prune, record_dir
-from processors.frames import BargeInFrame, ModelMuteFrame
-from transports.frames import CallInfo
+from transports.frames import BargeInFrame, CallInfo, ModelMuteFrame
 
 RATE = 8000
 START = datetime.datetime(2026, 11, 21, 8, 0, 0, tzinfo=datetime.UTC)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from pipelines import scenarios
-from pipelines.audio import read_wav
 from pipelines.bench_scenarios import DEFAULT_CONFIGS, report, run_suite, target, targets
 from pipelines.caller import CallResult, Received
 from pipelines.config import CONFIG_DIR
 from pipelines.errors import ConfigError
 from pipelines.scenarios import checks
 from pipelines.scenarios.checks import FRAME_S, Context, analyze, evaluate
+from processors.audio import read_wav
 
 RATE = 8000
 CHUNK = 0.1  # Exotel's uplink and, here, downlink chunk

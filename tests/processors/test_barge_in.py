@@ -31,8 +31,8 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from processors.barge_in import BargeInParams, BargeInProcessor
-from processors.frames import BargeInFrame, CallerVoiceFrame
 from tests.speech import speech
+from transports.frames import BargeInFrame, CallerVoiceFrame
 
 RATE = 8000
 MS = 20

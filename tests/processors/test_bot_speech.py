@@ -17,11 +17,11 @@ from pipecat.frames.frames import (
 )
 from pipecat.tests.utils import SleepFrame, run_test
 
-from pipelines.audio import read_wav
 from pipelines.speech import FIXTURES
+from processors.audio import read_wav
 from processors.bot_speech import BotSpeechParams, BotSpeechProcessor
-from processors.frames import ModelMuteFrame
 from tests.speech import speech
+from transports.frames import ModelMuteFrame
 
 RATE = 24000
 FRAME = RATE * 80 // 1000  # samples in an 80 ms model frame

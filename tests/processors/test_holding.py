@@ -28,12 +28,12 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
 from pipelines import builder, config
-from pipelines.audio import read_wav, write_wav
 from pipelines.config import CONFIG_DIR
-from pipelines.errors import ParamsError
-from processors.frames import EngineFailedFrame, FadeOutFrame, ModelMuteFrame
+from processors.audio import read_wav, write_wav
+from processors.errors import ParamsError
 from processors.holding import HoldingParams, HoldingProcessor
 from tests.speech import speech
+from transports.frames import EngineFailedFrame, FadeOutFrame, ModelMuteFrame
 
 ROOT = Path(__file__).resolve().parents[2]
 CALL_RATE = 8000
@@ -109,7 +109,7 @@ def clip(name: str) -> list[str]:
 async def test_shipped_greeting_plays_right_after_start_at_the_call_rate(rate):
     bank = HoldingProcessor.prepare(HoldingParams(), CONFIG_DIR)
     down, up = await run_test(
-        HoldingProcessor(),  # default params, clips from configs/
+        HoldingProcessor(prepared=bank),  # default params, clips from configs/
         frames_to_send=[SleepFrame(0.2)],
         ignore_start=False,
         pipeline_params=PipelineParams(audio_in_sample_rate=rate, audio_out_sample_rate=rate),
@@ -323,7 +323,7 @@ def test_relative_clip_paths_resolve_next_to_the_yaml_first_then_configs(tmp_pat
     absolute = tmp_path / "elsewhere.wav"
     write_wav(absolute, np.resize(speech(24000), 4800), 24000)
     params = HoldingParams(clips={"greeting": "clips/greeting.wav", "one_moment": "clips/one_moment.wav", "apology": str(absolute)})
-    bank = HoldingProcessor.prepare(params, tmp_path)
+    bank = HoldingProcessor.prepare(params, tmp_path, CONFIG_DIR)  # as the builder does
     assert bank.get("greeting", 24000) == read_wav(tmp_path / "clips" / "greeting.wav", 24000).tobytes()
     assert bank.get("one_moment", 24000) == read_wav(CONFIG_DIR / "clips" / "one_moment.wav", 24000).tobytes()
     assert bank.get("apology", 8000) == read_wav(absolute, 8000).tobytes()

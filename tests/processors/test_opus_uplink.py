@@ -6,7 +6,6 @@ import av
 import numpy as np
 import pytest
 
-from pipelines.audio import read_wav
 from pipelines.engine.ogg import (
     FRAME_SAMPLES,
     OggStreamParser,
@@ -17,6 +16,7 @@ from pipelines.engine.ogg import (
     split_pages,
 )
 from pipelines.speech import FIXTURES
+from processors.audio import read_wav
 from processors.ogg_pages import OPUS_HEAD_MAGIC, OPUS_TAGS_MAGIC
 from processors.opus_uplink import APPLICATIONS, OpusUplinkWriter
 

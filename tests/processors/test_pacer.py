@@ -23,10 +23,9 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
-from processors.frames import FadeOutFrame
 from processors.pacer import PacerParams, PacerProcessor
 from tests.speech import speech
-from transports.frames import MarkFrame, MarkPlayedFrame, PacedAudioFrame
+from transports.frames import FadeOutFrame, MarkFrame, MarkPlayedFrame, PacedAudioFrame
 
 RATE = 8000
 CHUNK = 1600  # Exotel at 8 kHz: 3200 B = 200 ms

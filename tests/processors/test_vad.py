@@ -18,8 +18,8 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 import processors.vad as vad
 from pipelines.speech import energy_onset, fixture_wav
-from processors.frames import CallerVoiceFrame
 from processors.vad import VADParams, VADProcessor
+from transports.frames import CallerVoiceFrame
 
 MS = 20
 

@@ -25,10 +25,9 @@ from pydantic import ValidationError
 from pipelines import builder, config
 from pipelines.config import CONFIG_DIR
 from pipelines.registry import find_transport
-from processors.frames import EngineFailedFrame
 from transports.base import HttpRequest
 from transports.browser import PAGE_DIR, BrowserParams, BrowserProtocol
-from transports.frames import CallStartedFrame, CallStoppedFrame, MarkPlayedFrame
+from transports.frames import CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame
 
 
 def msg(**fields) -> str:

@@ -21,13 +21,13 @@ import websockets
 import yaml
 
 from pipelines import builder, config
-from pipelines.audio import read_wav, write_wav
 from pipelines.config import CONFIG_DIR
 from pipelines.engine import ReferenceEngine
 from pipelines.engine_pool import EnginePools
 from pipelines.launch import stop_process
 from pipelines.server import CallServer
 from pipelines.speech import FIXTURES
+from processors.audio import read_wav, write_wav
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = [

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.audio import read_wav
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.engine.converse import ConverseAgent, steps
 from pipelines.engine.ogg import FRAME_SAMPLES
 from pipelines.engine.reference import SILENCE_RMS, ScriptAgent, _parser, text_pieces
+from processors.audio import read_wav
 from tests.pipelines.engine.test_reference import (  # noqa: F401  (make_engine is a fixture)
     frames_of,
     make_engine,

@@ -18,7 +18,6 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from pipelines.audio import PIPECAT_SPEECH_WAV
 from pipelines.engine import EngineOptions, ReferenceEngine, reference
 from pipelines.engine.ogg import FRAME_SAMPLES, frame_duration_us, parse_page, split_opus_packet, split_pages
 from pipelines.engine.reference import (
@@ -29,6 +28,7 @@ from pipelines.engine.reference import (
     main,
     self_signed_ssl_context,
 )
+from processors.audio import PIPECAT_SPEECH_WAV
 from tests.speech import speech_float
 
 ROOT = Path(__file__).resolve().parents[3]
