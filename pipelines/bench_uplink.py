@@ -20,8 +20,8 @@ import numpy as np
 import soxr
 import sphn
 
-from pipelines.engine.ogg import UplinkDecoder
-from processors.opus_uplink import OpusUplinkWriter
+from processors.personaplex.ogg_reader import UplinkDecoder
+from processors.personaplex.uplink import OpusUplinkWriter
 
 RATE = 24000
 SOURCES = ("question_8k", "interrupt_8k", "question_16k", "interrupt_16k")

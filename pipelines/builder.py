@@ -17,10 +17,10 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pydantic import BaseModel, BeforeValidator, ConfigDict, create_model
 
 from pipelines.config import CONFIG_DIR, LoadedConfig
-from pipelines.engine_pool import EnginePools, PoolParams
 from pipelines.errors import did_you_mean, model_fields
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from processors.errors import ParamsError
+from processors.personaplex.pool import EnginePools, PoolParams
 from transports.frames import CallInfo
 
 

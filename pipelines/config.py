@@ -13,8 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.engine.reference import EngineOptions
-from pipelines.engine_pool import PoolParams
 from pipelines.errors import ConfigError, validation_problem
+from processors.personaplex.pool import PoolParams
 
 _PACKAGE = Path(__file__).resolve().parent
 # The shipped deployments and clips: a wheel installs configs/ as pipelines/deployments/ (pyproject.toml's

@@ -75,7 +75,7 @@ class Metrics:
 
     def watch(self, calls: dict, engines) -> None:
         """Gauges read from the server's live state at scrape time."""
-        from pipelines.engine_pool import State
+        from processors.personaplex.pool import State
 
         self.active_calls.set_function(lambda: len(calls))
         self.pool_size.set_function(lambda: len(engines.engines))

@@ -41,7 +41,7 @@ def processors() -> dict[str, ProcessorEntry]:
     from processors.holding import HoldingProcessor
     from processors.llm_context import LLMContextProcessor
     from processors.pacer import PacerProcessor
-    from processors.personaplex import PersonaPlexProcessor
+    from processors.personaplex.processor import PersonaPlexProcessor
     from processors.resample import ResampleProcessor
     from processors.turn import TurnProcessor
     from processors.vad import VADProcessor

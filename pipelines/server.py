@@ -35,9 +35,9 @@ from pipecat.workers.runner import WorkerRunner
 from pipelines.builder import DeploymentPlan, new_call_processors, new_call_worker
 from pipelines.call_log import DRAIN_REASON, CallLog
 from pipelines.call_observer import CallObserver
-from pipelines.engine_pool import EnginePools
 from pipelines.metrics import Metrics
 from pipelines.records import Retention
+from processors.personaplex.pool import EnginePools
 from transports.base import HttpRequest
 from transports.call_output import CallOutput
 from transports.frames import CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import soxr
 
-from pipelines.engine.ogg import FRAME_SAMPLES, SAMPLE_RATE
+from processors.personaplex.ogg_reader import FRAME_SAMPLES, SAMPLE_RATE
 from processors.silero import CallState, silero_session
 
 if TYPE_CHECKING:

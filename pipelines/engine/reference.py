@@ -28,7 +28,8 @@ from loguru import logger
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipelines.engine import converse
-from pipelines.engine.ogg import (
+from processors.audio import PIPECAT_SPEECH_WAV, read_wav
+from processors.personaplex.ogg_reader import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
     DownlinkWriter,
@@ -36,7 +37,6 @@ from pipelines.engine.ogg import (
     OpusPacketError,
     UplinkDecoder,
 )
-from processors.audio import PIPECAT_SPEECH_WAV, read_wav
 
 HANDSHAKE = b"\x00"
 KIND_AUDIO = 0x01

@@ -13,8 +13,8 @@ from loguru import logger
 
 from pipelines import builder, config
 from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.engine_pool import EnginePools
 from pipelines.server import CallServer
+from processors.personaplex.pool import EnginePools
 
 DEPLOYMENT = """
 server: {header_timeout_secs: 1.0, send_timeout_secs: 1.0, media_timeout_secs: 1.0}

@@ -26,8 +26,8 @@ from yarl import URL
 from pipelines import builder, config
 from pipelines.cli import LOG_FORMAT, one_line
 from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.engine_pool import EnginePools
 from pipelines.server import CallServer
+from processors.personaplex.pool import EnginePools
 from tests.pipelines.test_hostile import gone
 
 TOKEN = "hostile-test-token"

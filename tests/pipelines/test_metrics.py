@@ -13,9 +13,9 @@ import time
 import pytest
 
 from pipelines import builder, config
-from pipelines.engine_pool import EnginePools
 from pipelines.metrics import Metrics
 from pipelines.server import CallServer
+from processors.personaplex.pool import EnginePools
 from tests.pipelines.served import metric
 
 DEPLOYMENT = """\

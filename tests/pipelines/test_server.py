@@ -11,8 +11,8 @@ import websockets
 from pipelines import builder, config
 from pipelines.caller import place_call
 from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.engine_pool import EnginePools
 from pipelines.server import CallServer
+from processors.personaplex.pool import EnginePools
 
 RATE = 8000
 

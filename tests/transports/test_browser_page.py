@@ -23,11 +23,11 @@ import yaml
 from pipelines import builder, config
 from pipelines.config import CONFIG_DIR
 from pipelines.engine import ReferenceEngine
-from pipelines.engine_pool import EnginePools
 from pipelines.launch import stop_process
 from pipelines.server import CallServer
 from pipelines.speech import FIXTURES
 from processors.audio import read_wav, write_wav
+from processors.personaplex.pool import EnginePools
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = [

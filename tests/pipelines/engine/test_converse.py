@@ -1,15 +1,15 @@
 """Converse mode: a model's turn-taking, driven with recorded speech through the real Silero VAD."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.engine.converse import ConverseAgent, steps
-from pipelines.engine.ogg import FRAME_SAMPLES
 from pipelines.engine.reference import SILENCE_RMS, ScriptAgent, _parser, text_pieces
+from pipelines.speech import FIXTURES
 from processors.audio import read_wav
+from processors.personaplex.ogg_reader import FRAME_SAMPLES
 from tests.pipelines.engine.test_reference import (  # noqa: F401  (make_engine is a fixture)
     frames_of,
     make_engine,
@@ -18,7 +18,6 @@ from tests.pipelines.engine.test_reference import (  # noqa: F401  (make_engine 
 )
 from tests.speech import speech_float
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 RATE = 24000
 TURN_END, REPLY_DELAY, YIELD_AFTER = steps(0.64), steps(0.24), steps(0.48)
 ENVELOPE = RATE // 100  # 10 ms

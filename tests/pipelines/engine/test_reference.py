@@ -19,7 +19,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from pipelines.engine import EngineOptions, ReferenceEngine, reference
-from pipelines.engine.ogg import FRAME_SAMPLES, frame_duration_us, parse_page, split_opus_packet, split_pages
 from pipelines.engine.reference import (
     SILENCE_RMS,
     ScriptAgent,
@@ -29,6 +28,7 @@ from pipelines.engine.reference import (
     self_signed_ssl_context,
 )
 from processors.audio import PIPECAT_SPEECH_WAV
+from processors.personaplex.ogg_reader import FRAME_SAMPLES, frame_duration_us, parse_page, split_opus_packet, split_pages
 from tests.speech import speech_float
 
 ROOT = Path(__file__).resolve().parents[3]

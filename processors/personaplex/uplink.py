@@ -9,7 +9,7 @@ telephony (or 16 kHz browser audio) upsampled, so SILK's speech modelling buys n
 bits do not; in CELT mode complexity 1-10 score alike (~0.35-0.6 %), 0 drops to ~3.9/3.6.
 
 The stream is shaped for the server's strict reader (sphn 0.1, the Rust ``ogg`` crate; rebuilt in
-pipelines/engine/ogg.py): a BOS page with OpusHead, then OpusTags, then one page per 80 ms (four 20 ms
+processors/personaplex/ogg_reader.py): a BOS page with OpusHead, then OpusTags, then one page per 80 ms (four 20 ms
 packets, one model step, so no added model latency and fewer WebSocket messages) with granule positions
 in 48 kHz samples counted from the start of the stream (pre-skip included, as RFC 7845 says) and the
 encoder's own pre-skip in OpusHead. No DTX: the server is input-clocked, a missing packet is a missing step.
@@ -25,7 +25,7 @@ from typing import Literal
 import av
 import numpy as np
 
-from processors.ogg_pages import OPUS_HEAD_MAGIC, opus_head, opus_tags, write_packets
+from processors.personaplex.ogg_pages import OPUS_HEAD_MAGIC, opus_head, opus_tags, write_packets
 
 Application = Literal["voip", "audio", "lowdelay"]
 APPLICATIONS: tuple[str, ...] = ("voip", "audio", "lowdelay")

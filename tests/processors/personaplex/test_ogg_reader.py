@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sphn
 
-from pipelines.engine.ogg import (
+from processors.personaplex.ogg_reader import (
     DOWNLINK_SERIAL,
     FRAME_SAMPLES,
     MAX_HUNT_BYTES,

@@ -7,8 +7,8 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
 from pipelines.engine import EngineOptions, ReferenceEngine
-from processors import personaplex_wire as wire
-from processors.personaplex import Persona, PersonaPlexParams, PersonaPlexProcessor
+from processors.personaplex import wire
+from processors.personaplex.processor import Persona, PersonaPlexParams, PersonaPlexProcessor
 from tests.speech import speech
 
 RATE = 24000

@@ -13,7 +13,7 @@ import time
 
 import websockets
 
-from processors import personaplex_wire as wire
+from processors.personaplex import wire
 
 
 class EngineUnreachable(Exception):

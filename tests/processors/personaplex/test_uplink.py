@@ -6,7 +6,10 @@ import av
 import numpy as np
 import pytest
 
-from pipelines.engine.ogg import (
+from pipelines.speech import FIXTURES
+from processors.audio import read_wav
+from processors.personaplex.ogg_pages import OPUS_HEAD_MAGIC, OPUS_TAGS_MAGIC
+from processors.personaplex.ogg_reader import (
     FRAME_SAMPLES,
     OggStreamParser,
     UplinkDecoder,
@@ -15,10 +18,7 @@ from pipelines.engine.ogg import (
     split_opus_packet,
     split_pages,
 )
-from pipelines.speech import FIXTURES
-from processors.audio import read_wav
-from processors.ogg_pages import OPUS_HEAD_MAGIC, OPUS_TAGS_MAGIC
-from processors.opus_uplink import APPLICATIONS, OpusUplinkWriter
+from processors.personaplex.uplink import APPLICATIONS, OpusUplinkWriter
 
 RATE = 24000
 PACKET = RATE // 50  # 20 ms
@@ -158,7 +158,7 @@ def test_settings_reach_libopus():
 def test_processor_params_bound_the_encoder_settings():
     from pydantic import ValidationError
 
-    from processors.personaplex import PersonaPlexParams
+    from processors.personaplex.processor import PersonaPlexParams
 
     params = PersonaPlexParams()
     assert (params.uplink_complexity, params.uplink_application, params.uplink_bitrate) == (5, "lowdelay", 48000)

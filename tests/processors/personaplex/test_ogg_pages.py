@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from pipelines.engine.ogg import parse_page
-from processors.ogg_pages import ogg_crc, write_packets
+from processors.personaplex.ogg_pages import ogg_crc, write_packets
+from processors.personaplex.ogg_reader import parse_page
 
 
 def bitwise_ogg_crc(data: bytes, crc: int = 0) -> int:

@@ -205,7 +205,7 @@ class EnginePool:
 
 def _personaplex_probe(voice_prompt: str):
     async def probe(url: str, timeout: float) -> None:
-        from processors.personaplex_session import open_session
+        from processors.personaplex.session import open_session
 
         ws = await open_session(url, voice_prompt, "You are being health-checked; say nothing.", timeout=timeout)
         await ws.close()

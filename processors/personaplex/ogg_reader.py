@@ -5,7 +5,7 @@ downlink with sphn 0.1's ``StreamWriter`` (one 80 ms Opus packet per page). sphn
 have, is lenient on input and writes 40 ms pages, so both behaviours are rebuilt here on top of its codec:
 ``OggStreamParser`` enforces the ``ogg`` crate's rules, ``DownlinkWriter`` repacketises sphn 0.2's frames
 into sphn-0.1-shaped pages, and ``UplinkDecoder`` glues the strict parser to sphn 0.2's decoder.
-Writing pages and Opus headers is processors/ogg_pages.py's (the bridge's uplink writes with it too).
+Writing pages and Opus headers is processors/personaplex/ogg_pages.py's (the bridge's uplink writes with it too).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import sphn
 
-from processors.ogg_pages import (
+from processors.personaplex.ogg_pages import (
     CAPTURE,
     FLAG_BOS,
     FLAG_CONTINUED,

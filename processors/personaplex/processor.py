@@ -29,10 +29,10 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.engine_pool import EnginePool, NoEngine, PoolParams, State
-from processors import personaplex_wire as wire
-from processors.opus_uplink import OpusUplinkWriter
-from processors.personaplex_session import EngineUnreachable, SessionRejected, open_session, tls_context
+from processors.personaplex import wire
+from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
+from processors.personaplex.session import EngineUnreachable, SessionRejected, open_session, tls_context
+from processors.personaplex.uplink import OpusUplinkWriter
 from transports.frames import EngineEventFrame, EngineFailedFrame
 
 MODEL_RATE = 24000
@@ -59,7 +59,7 @@ class PersonaPlexParams(BaseModel):
     connect_timeout: float = Field(5.0, gt=0)
     handshake_timeout: float = Field(20.0, gt=0, description="prompt phase is 2-9 s, plus queueing")
     silence_timeout: float = Field(2.0, gt=0, description="no model audio this long while audio flows = failure")
-    # Caller-audio encoder (processors/opus_uplink.py); CPU and PESQ per setting: python -m pipelines bench uplink
+    # Caller-audio encoder (processors/personaplex/uplink.py); CPU and PESQ per setting: python -m pipelines bench uplink
     uplink_complexity: int = Field(5, ge=0, le=10, description="libopus complexity of the caller-audio encoder; "
                                    "in lowdelay mode 1-10 score alike on phone speech, 0 is worse")
     uplink_application: Literal["lowdelay", "audio", "voip"] = Field(

@@ -1,7 +1,7 @@
 """Ogg pages and Ogg Opus header packets, written (pure code, no I/O).
 
-Shared by the uplink encoder (processors/opus_uplink.py) and the reference engine's Ogg code
-(pipelines/engine/ogg.py, which adds the strict reader). RFC 3533 (Ogg), RFC 7845 (Ogg Opus).
+Shared by the uplink encoder (processors/personaplex/uplink.py) and the reference engine's Ogg code
+(processors/personaplex/ogg_reader.py, which adds the strict reader). RFC 3533 (Ogg), RFC 7845 (Ogg Opus).
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pydantic import ValidationError
 
 from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.engine_pool import EnginePool, EnginePools, NoEngine, PoolParams, State
 from pipelines.launch import free_port, free_ports
-from processors.personaplex import PersonaPlexParams, PersonaPlexProcessor
-from processors.personaplex_session import EngineUnreachable, open_session
+from processors.personaplex.pool import EnginePool, EnginePools, NoEngine, PoolParams, State
+from processors.personaplex.processor import PersonaPlexParams, PersonaPlexProcessor
+from processors.personaplex.session import EngineUnreachable, open_session
 from transports.frames import EngineEventFrame
 
 RATE = 24000
