@@ -32,9 +32,15 @@ REPLY_MARGIN_SECONDS = 2.0  # ... or as long as what was said plus this: the ref
 
 
 def _load_plan(name: str):
+    """The deployment, its `engine.reference:` checked too: the CLI starts the reference engines, so
+    the runtime's schema leaves their options to the simulator's own model."""
     from pipelines import builder, config
+    from pipelines.engine import EngineOptions
 
-    return builder.plan(config.load(name))
+    deployment = builder.plan(config.load(name))
+    loaded = deployment.loaded
+    loaded.reference = loaded.validate_model(EngineOptions, loaded.config.engine.reference, ("engine", "reference"))
+    return deployment
 
 
 def cmd_validate(args) -> int:
@@ -139,17 +145,17 @@ def _configure_logging() -> None:
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"), format=LOG_FORMAT)
 
 
-async def _start_engines(cfg, count: int):
+async def _start_engines(options, count: int):
     from pipelines.engine import ReferenceEngine
 
     engines = []
     for _ in range(count):
-        engine = ReferenceEngine(cfg.engine.reference)
+        engine = ReferenceEngine(options)
         await engine.start("127.0.0.1", 0)
         engines.append(engine)
     logger.warning(
         f"No PersonaPlex URL configured (engine.urls / PERSONAPLEX_URL): calls are answered by {count} "
-        f"REFERENCE ENGINE(S) in {cfg.engine.reference.mode!r} mode, not by a model."
+        f"REFERENCE ENGINE(S) in {options.mode!r} mode, not by a model."
     )
     return engines
 
@@ -164,7 +170,7 @@ async def _serve(args) -> int:
     local = []
     urls = cfg.engine.urls
     if not urls and uses_engine(deployment):
-        local = await _start_engines(cfg, args.engines or cfg.engine.local_engines)
+        local = await _start_engines(deployment.loaded.reference, args.engines or cfg.engine.local_engines)
         urls = [e.url for e in local]
     elif args.engines:
         logger.warning(f"--engines {args.engines} ignored: engine.urls names the engines")

@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.engine.reference import EngineOptions
 from pipelines.errors import ConfigError, validation_problem
 from processors.personaplex.pool import PoolParams
 
@@ -56,7 +55,9 @@ class EngineConfig(PoolParams):
     """The PersonaPlex fleet (one call per engine); without URLs, embedded reference engines answer."""
 
     local_engines: int = Field(4, ge=1, description="reference engines started when no URL is set (`run --engines N` overrides)")
-    reference: EngineOptions = Field(default_factory=EngineOptions)
+    reference: dict[str, Any] = Field(default_factory=dict, description=(
+        "options of the embedded reference engines (EngineOptions: mode, handshake_delay, ...); "
+        "checked by `validate` and `run`, which start them"))
 
 
 class RecordsConfig(_Strict):
@@ -84,6 +85,7 @@ class LoadedConfig:
 
     def __init__(self, path: Path, config: DeploymentConfig, lines: dict[tuple, tuple[str, int]]):
         self.path, self.config, self.lines = path, config, lines
+        self.reference: Any = None  # engine.reference as the reference engine's options, once the CLI checked them
 
     def error(self, loc: tuple, problem: str) -> ConfigError:
         file, line = line_of(self.lines, loc) or (str(self.path), None)

@@ -22,7 +22,7 @@ import yaml
 
 from pipelines import builder, config
 from pipelines.config import CONFIG_DIR
-from pipelines.engine import ReferenceEngine
+from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.launch import stop_process
 from pipelines.server import CallServer
 from pipelines.speech import FIXTURES
@@ -154,7 +154,7 @@ async def call_server(tmp_path: Path, **reference):
     path = tmp_path / "browser.yaml"
     path.write_text(yaml.safe_dump(deployment))
     plan = builder.plan(config.load(path, {}))
-    engine = ReferenceEngine(plan.loaded.config.engine.reference)
+    engine = ReferenceEngine(EngineOptions.model_validate(plan.loaded.config.engine.reference))
     await engine.start("127.0.0.1", 0)
     server = CallServer(plan, EnginePools.of(engine.url), "127.0.0.1", 0)
     await server.start()
