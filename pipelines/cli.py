@@ -35,7 +35,7 @@ def _load_plan(name: str):
     """The deployment, its `engine.reference:` checked too: the CLI starts the reference engines, so
     the runtime's schema leaves their options to the simulator's own model."""
     from pipelines import builder, config
-    from pipelines.engine import EngineOptions
+    from pipelines.sim.engine import EngineOptions
 
     deployment = builder.plan(config.load(name))
     loaded = deployment.loaded
@@ -146,7 +146,7 @@ def _configure_logging() -> None:
 
 
 async def _start_engines(options, count: int):
-    from pipelines.engine import ReferenceEngine
+    from pipelines.sim.engine import ReferenceEngine
 
     engines = []
     for _ in range(count):
@@ -203,13 +203,13 @@ def cmd_run(args) -> int:
 
 
 def engine_main(argv: list[str]) -> int:
-    from pipelines.engine.reference import main
+    from pipelines.sim.engine.reference import main
 
     return main(argv)
 
 
 def cmd_call(args) -> int:
-    from pipelines.caller import place_call
+    from pipelines.sim.caller import place_call
     from processors.audio import read_wav, write_wav
 
     deployment = _load_plan(args.config)
@@ -276,7 +276,7 @@ def dial_url(given: str | None, provider: str, server, tp) -> str:
 
 def caller_audio(given: str) -> Path:
     """--audio: a WAV file, or the name of a shipped speech recording (`question_8k.wav`, `interrupt_16k`)."""
-    from pipelines.speech import FIXTURES
+    from pipelines.sim.speech import FIXTURES
 
     path = Path(given)
     if path.is_file():
@@ -297,11 +297,11 @@ def _dial_errors() -> tuple[type[BaseException], ...]:
 
 
 def _call_scenario(args, deployment, url: str) -> int:
-    """One scenario from pipelines/scenarios/ against a running server, judged as `bench scenarios` does."""
+    """One scenario from pipelines/sim/scenarios/ against a running server, judged as `bench scenarios` does."""
     import uuid
 
-    from pipelines import scenarios
-    from pipelines.bench_scenarios import call_scenario, engine_options, target
+    from pipelines.bench.scenarios import call_scenario, engine_options, target
+    from pipelines.sim import scenarios
     from processors.audio import read_wav, write_wav
 
     scenario = scenarios.load(args.scenario)
@@ -385,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the deployment whose server to dial")
     p.add_argument("--audio", help="WAV the caller says, or a shipped recording's name (question_8k.wav, interrupt_8k.wav, "
                    "question_16k.wav, interrupt_16k.wav)")
-    p.add_argument("--scenario", metavar="NAME", help="instead of --audio: play a scenario of pipelines/scenarios/ "
+    p.add_argument("--scenario", metavar="NAME", help="instead of --audio: play a scenario of pipelines/sim/scenarios/ "
                    "(e.g. user_interruption) and judge what was heard; the exit status says whether it passed")
     p.add_argument("--records", metavar="DIR", help="with --scenario: the server's records.dir, so the call's record is judged too")
     p.add_argument("--out", required=True, help="WAV of what the caller heard")
@@ -400,7 +400,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
     p.set_defaults(func=cmd_call)
 
-    from pipelines.experiment import add_parser as add_experiment
+    from pipelines.bench.experiment import add_parser as add_experiment
 
     add_experiment(sub)
 

@@ -193,7 +193,7 @@ def render() -> str:
     for name, entry in registry.processors().items():
         out += _section(f"`{name}`", entry.params, f"{entry.summary} ({entry.cls.__module__})", nested)
     out += ["## Nested models", ""]
-    from pipelines.engine import EngineOptions  # engine.reference: the simulator's model, checked by the CLI
+    from pipelines.sim.engine import EngineOptions  # engine.reference: the simulator's model, checked by the CLI
 
     nested.insert(0, EngineOptions)
     done: set[type[BaseModel]] = set()

@@ -138,7 +138,7 @@ def test_a_wheel_runs_from_an_empty_directory(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True, timeout=300,
                    capture_output=True)
     assert (site / "pipelines" / "deployments" / "clips" / "greeting.wav").is_file()
-    assert (site / "pipelines" / "speech" / "question_8k.wav").is_file()
+    assert (site / "pipelines" / "sim" / "speech" / "question_8k.wav").is_file()
     assert not (site / "pipelines" / "deployments" / "kubernetes").exists() and not (site / "tests").exists()
 
     empty = tmp_path / "empty"

@@ -38,7 +38,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.workers.runner import WorkerRunner
 
 from pipelines import builder, config
-from pipelines.speech import FIXTURES
+from pipelines.sim.speech import FIXTURES
 from processors.audio import read_wav
 from processors.llm_context import LLMContextProcessor
 from transports.frames import CallInfo, PacedAudioFrame

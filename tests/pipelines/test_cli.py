@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipelines import builder, cli, config
+from pipelines.bench.launch import free_port, launched, run_command
 from pipelines.errors import ConfigError
 from pipelines.extras import MissingExtra, require
-from pipelines.launch import free_port, launched, run_command
-from pipelines.speech import FIXTURES
+from pipelines.sim.speech import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[2]
 BANNER = "ᓚᘏᗢ"

@@ -5,10 +5,10 @@ import base64
 
 import numpy as np
 
-from pipelines.caller import place_call
+from pipelines.bench.launch import free_port, launched, run_command
 from pipelines.config import CONFIG_DIR
-from pipelines.launch import free_port, launched, run_command
-from pipelines.speech import FIXTURES, energy_onset, fixture_wav
+from pipelines.sim.caller import place_call
+from pipelines.sim.speech import FIXTURES, energy_onset, fixture_wav
 from processors.audio import read_wav, write_wav
 from tests.pipelines.served import finished_call, rms, scripted_config
 

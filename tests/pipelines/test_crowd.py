@@ -17,8 +17,8 @@ import numpy as np
 import websockets
 
 from pipelines import builder, config
-from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.server import CallServer
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.audio import write_wav
 
 ENGINES = 4

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import websockets
 
-from pipelines.caller import place_call
-from pipelines.launch import free_port, launched, run_command
+from pipelines.bench.launch import free_port, launched, run_command
+from pipelines.sim.caller import place_call
 from tests.speech import speech
 
 RATE = 8000

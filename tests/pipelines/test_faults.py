@@ -1,6 +1,6 @@
 """Fault scenarios, one test each: what the caller hears, how the call ends, what it leaves behind.
 
-Every call is a real Exotel call over loopback (the simulated caller's phone from pipelines/caller.py,
+Every call is a real Exotel call over loopback (the simulated caller's phone from pipelines/sim/caller.py,
 driven here so a test can decide mid-call when a caller speaks, hangs up or drops), against the
 shipped exotel.yaml conversation core (Silero VAD, barge-in, holding clips, pacer) and real
 reference engines. The prompt clip is the short one_moment.wav to keep calls short, and the pacer has
@@ -34,11 +34,11 @@ from loguru import logger
 from websockets.asyncio.client import connect
 
 from pipelines import builder, config
-from pipelines.caller import CallResult, Exotel, _clock, _listen, _Phone, dial_url
+from pipelines.bench.launch import free_port, free_ports, launched, run_command
 from pipelines.config import CONFIG_DIR
-from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.launch import free_port, free_ports, launched, run_command
 from pipelines.server import CallServer
+from pipelines.sim.caller import CallResult, Exotel, _clock, _listen, _Phone, dial_url
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.audio import read_wav
 from tests.pipelines.served import fetch, metric, rms
 from tests.pipelines.test_operations import events_of, names
@@ -119,7 +119,7 @@ class Call:
 
 
 async def dial(url: str, sid: str, script: Script, linger: float = 30.0) -> Call:
-    """An Exotel call as pipelines.caller.place_call makes it, driven by `script`."""
+    """An Exotel call as pipelines.sim.caller.place_call makes it, driven by `script`."""
     dialect = Exotel()
     stopped = dropped = False
     async with connect(dial_url(url, RATE, {}), max_size=16 * 2**20, open_timeout=20) as ws:
@@ -386,7 +386,7 @@ def apologised(call: Call, events: list[dict], stats: dict, expected_outcome: st
 async def test_engine_down_at_call_start_apologises_and_a_second_engine_takes_over(bridge, engines):
     """Nothing listens on the engine's port. Alone in its pool: the apology and a clean hang-up.
     With a healthy engine behind it: the same call fails over and completes (the pool's side of
-    failover is in test_engine_pool.py; this is the caller's view)."""
+    failover is in tests/processors/personaplex/test_pool.py; this is the caller's view)."""
     dead = f"ws://127.0.0.1:{free_port()}"
     live = await engines()
     alone = await bridge([dead])

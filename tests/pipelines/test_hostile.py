@@ -12,8 +12,8 @@ import websockets
 from loguru import logger
 
 from pipelines import builder, config
-from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.server import CallServer
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex.pool import EnginePools
 
 DEPLOYMENT = """

@@ -25,8 +25,8 @@ from yarl import URL
 
 from pipelines import builder, config
 from pipelines.cli import LOG_FORMAT, one_line
-from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.server import CallServer
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex.pool import EnginePools
 from tests.pipelines.test_hostile import gone
 

@@ -18,9 +18,9 @@ import pytest
 import soundfile as sf
 import websockets
 
-from pipelines.caller import place_call
-from pipelines.launch import free_port, launched, run_command
+from pipelines.bench.launch import free_port, launched, run_command
 from pipelines.server import DRAIN_FINISH_SECS
+from pipelines.sim.caller import place_call
 from tests.pipelines.served import fetch, metric, rms, variant_config
 from tests.speech import speech
 
@@ -118,7 +118,7 @@ async def test_a_call_leaves_a_record_metrics_and_a_report(tmp_path, records):
     last = next(i for i, line in enumerate(lines) if f"call {call_id}: ended" in line)
     during = [line for line in lines[first:last + 1] if " | " in line]
     assert len(during) >= 3
-    assert all(f"call={call_id}" in line for line in during if "pipelines.engine.reference" not in line), during
+    assert all(f"call={call_id}" in line for line in during if "pipelines.sim.engine.reference" not in line), during
 
 
 async def test_sigkill_mid_call_leaves_every_line_valid(tmp_path, records):

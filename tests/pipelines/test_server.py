@@ -9,9 +9,9 @@ import pytest
 import websockets
 
 from pipelines import builder, config
-from pipelines.caller import place_call
-from pipelines.engine import EngineOptions, ReferenceEngine
 from pipelines.server import CallServer
+from pipelines.sim.caller import place_call
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex.pool import EnginePools
 
 RATE = 8000

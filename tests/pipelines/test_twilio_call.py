@@ -13,10 +13,10 @@ import websockets
 from aiohttp import web
 
 from pipelines import builder, config
-from pipelines.caller import place_call, twilio_signature
-from pipelines.launch import free_port, launched, run_command
+from pipelines.bench.launch import free_port, launched, run_command
 from pipelines.server import CallServer
-from pipelines.speech import energy_onset, fixture_wav
+from pipelines.sim.caller import place_call, twilio_signature
+from pipelines.sim.speech import energy_onset, fixture_wav
 from tests.pipelines.served import finished_call, rms, scripted_config, stats
 
 RATE = 8000

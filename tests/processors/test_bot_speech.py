@@ -17,7 +17,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.tests.utils import SleepFrame, run_test
 
-from pipelines.speech import FIXTURES
+from pipelines.sim.speech import FIXTURES
 from processors.audio import read_wav
 from processors.bot_speech import BotSpeechParams, BotSpeechProcessor
 from tests.speech import speech

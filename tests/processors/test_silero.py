@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 
-from pipelines.speech import fixture_wav
+from pipelines.sim.speech import fixture_wav
 from processors import silero
 from processors.silero import BatchedSileroAnalyzer
 from processors.vad import VADParams

@@ -13,7 +13,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
-from pipelines.speech import fixture_wav
+from pipelines.sim.speech import fixture_wav
 from processors.turn import TurnParams, TurnProcessor
 from processors.vad import VADParams, VADProcessor
 from tests.processors.test_vad import MS, frames_of

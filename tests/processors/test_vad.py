@@ -17,7 +17,7 @@ from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADPro
 from pipecat.tests.utils import SleepFrame, run_test
 
 import processors.vad as vad
-from pipelines.speech import energy_onset, fixture_wav
+from pipelines.sim.speech import energy_onset, fixture_wav
 from processors.vad import VADParams, VADProcessor
 from transports.frames import CallerVoiceFrame
 

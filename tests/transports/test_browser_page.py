@@ -21,11 +21,11 @@ import websockets
 import yaml
 
 from pipelines import builder, config
+from pipelines.bench.launch import stop_process
 from pipelines.config import CONFIG_DIR
-from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.launch import stop_process
 from pipelines.server import CallServer
-from pipelines.speech import FIXTURES
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
+from pipelines.sim.speech import FIXTURES
 from processors.audio import read_wav, write_wav
 from processors.personaplex.pool import EnginePools
 

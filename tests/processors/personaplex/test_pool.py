@@ -13,8 +13,8 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 from pydantic import ValidationError
 
-from pipelines.engine import EngineOptions, ReferenceEngine
-from pipelines.launch import free_port, free_ports
+from pipelines.bench.launch import free_port, free_ports
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex.pool import EnginePool, EnginePools, NoEngine, PoolParams, State
 from processors.personaplex.processor import PersonaPlexParams, PersonaPlexProcessor
 from processors.personaplex.session import EngineUnreachable, open_session

@@ -6,7 +6,7 @@ from pipecat.frames.frames import EndWorkerFrame, ErrorFrame, InputAudioRawFrame
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
-from pipelines.engine import EngineOptions, ReferenceEngine
+from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex import wire
 from processors.personaplex.processor import Persona, PersonaPlexParams, PersonaPlexProcessor
 from tests.speech import speech
@@ -125,7 +125,7 @@ def test_chat_url_never_carries_a_seed_and_requires_a_text_prompt():
 
 
 async def test_wss_engine_with_a_self_signed_certificate():
-    from pipelines.engine.reference import self_signed_ssl_context
+    from pipelines.sim.engine.reference import self_signed_ssl_context
 
     engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
     url = await engine.start("127.0.0.1", 0, ssl_context=self_signed_ssl_context())

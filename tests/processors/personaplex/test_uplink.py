@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from pipelines.speech import FIXTURES
+from pipelines.sim.speech import FIXTURES
 from processors.audio import read_wav
 from processors.personaplex.ogg_pages import OPUS_HEAD_MAGIC, OPUS_TAGS_MAGIC
 from processors.personaplex.ogg_reader import (

@@ -1,0 +1,410 @@
+"""`python -m pipelines bench load`: N concurrent calls through the bridge, as deployed, and what they cost.
+
+The bridge (`python -m pipelines run` on a copy of CONFIG) and N reference engines (script mode, K per
+process) run as their own processes; the N callers run here at the provider's real uplink cadence
+(Exotel 100 ms, Twilio 20 ms), their starts spread uniformly at random over `--arrival-secs`. Each
+engine says configs/clips/apology.wav (5.7 s) at 0.8 s and 8.0 s of its step timeline (which starts
+after its 0.5 s handshake, so ~1.3 s and ~8.5 s on the caller's); each caller is silent, then says
+pipelines/sim/speech/interrupt_8k.wav from 10.0 s, over the second utterance, then is silent to `--duration`.
+
+Figures (caller's timeline: t=0 when `start` is sent; p95/p99 nearest-rank over all calls):
+- CPU: % of one core from /proc/PID/stat, sampled every 0.5 s, over the window where every call is up
+  (last call start + 2 s -> first call end) and over the whole run (first start -> last end); the
+  bridge's per concurrent call, the engine processes', this process's (the callers), and the rest of
+  the machine's (busy CPU in /proc/stat minus those: contention from other work).
+- RSS: the bridge's VmRSS before the first call, its peak over the samples, and after the calls ended.
+- underruns: bench_conversation.playout_gaps (a non-silent chunk arriving > 5 ms after the caller's
+  playout ran dry inside bot speech).
+- output gaps: between consecutive non-silent media in one run of them (a `clear` ends a run): the raw
+  inter-arrival gap, the chunk length, and the excess = gap - the previous chunk's length (Exotel's
+  3200-byte minimum makes 200 ms chunks, so the raw gap is ~200 ms by protocol).
+- barge-in: the speech's energy onset -> the first `clear` after it; missed = no such `clear`.
+  stray clears: every other `clear`. first audio: `start` -> first non-silent media.
+- outcome: the `call_ended` outcome in the bridge's records; failed = caller error or not `completed`.
+- `--kill-engine-at T`: SIGKILL of engine process 0 T s after the last call started. A call lost its
+  engine when its record's engine is one of that process's; it heard the apology when >= 1 s of
+  non-silent audio reached it from 0.5 s after the kill (what the pacer had queued is older), and was
+  hung up cleanly when the bridge closed it with 1000 before the caller's end.
+"""
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from pipelines.bench.conversation import RATE, SILENT_RMS, decode_media, machine_lines, percentile, process_cpu_secs, rms, settle, table
+from pipelines.bench.fleet import (
+    CallRun,
+    audible_secs,
+    call_audio,
+    call_figures,
+    deployment,
+    fleet,
+    is_failed,
+    machine_cpu_secs,
+    proc_status,
+    read_records,
+    run_call,
+    script_options,
+    stock_fleet,
+)
+from pipelines.bench.harness import command_argv, guarded, int_text, write_json
+from pipelines.config import CONFIG_DIR
+
+CLIP = str(CONFIG_DIR / "clips" / "apology.wav")
+SAY = ((0.8, CLIP), (8.0, CLIP))  # on the engine's step timeline
+SPEECH_AT = 10.0  # caller speech starts here, while the second utterance (~8.5-14.2 s) plays
+STOCK_SPEAK_AT = 8.5  # the stock bot says the clip once, over the same barge-in moment
+ALL_UP_MARGIN = 2.0  # the all-calls-up CPU window opens this long after the last call started
+MIN_WINDOW = 1.0  # a shorter all-up window gives no figure
+SAMPLE_SECS = 0.5
+PROGRESS_SECS = 2.0
+KILL_MARGIN = 0.5  # audio arriving later than this after the kill was not queued before it (lead 0.2 + jitter 0.12)
+APOLOGY_SECS = 1.0  # this much audible audio after the kill counts as the apology heard
+NO_RECORD = {"outcome": "unknown", "engine_url": None, "apology": False}  # a call the bridge left no finished record of
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("load", help=bench_load.__doc__, description=bench_load.__doc__)
+    p.add_argument("--config", default="exotel.yaml", help="deployment file, path or name in configs/ (exotel or twilio)")
+    p.add_argument("--calls", type=int, default=10, help="concurrent calls, one engine each")
+    p.add_argument("--duration", type=float, default=20.0, help=f"seconds per call (>= {SPEECH_AT + 1:.0f})")
+    p.add_argument("--arrival-secs", type=float, default=2.0, help="call starts spread uniformly over this long")
+    p.add_argument("--kill-engine-at", type=float, help="SIGKILL engine process 0 this long after the last call started")
+    p.add_argument("--engines-per-process", type=int, default=25, help="reference engines per engine process")
+    p.add_argument("--server", choices=("ours", "stock"), default="ours", help="stock: pipelines/bench/stock.py (Exotel)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the call start times")
+    p.add_argument("--json", help="result file (default: bench-results/load-<UTC stamp>.json)")
+    p.add_argument("--log-dir", help="keep the processes' logs, the bridge's YAML and records here")
+    return p
+
+
+# ---- pure analysis -------------------------------------------------------------------------------
+
+
+def speech_gaps(messages: list[tuple[float, dict]]) -> list[tuple[float, float]]:
+    """(inter-arrival gap, previous chunk's length) in s for each non-silent media message that follows a
+    non-silent one; a silent chunk or a `clear` ends the run, so pauses and barge-ins are no gaps."""
+    gaps, prev = [], None
+    for t, msg in messages:
+        event = msg.get("event")
+        if event == "clear":
+            prev = None
+        elif event == "media":
+            samples = decode_media(msg)
+            loud = rms(samples) > SILENT_RMS
+            if loud and prev is not None:
+                gaps.append((t - prev[0], prev[1]))
+            prev = (t, len(samples) / RATE) if loud else None
+    return gaps
+
+
+def gap_figures(gaps: list[tuple[float, float]]) -> dict:
+    """Raw gap p50/p99/max, the usual chunk length, and the excess p99 (gap minus that chunk), in ms."""
+    raw = [g for g, _ in gaps]
+    excess = [g - secs for g, secs in gaps]
+    return {"n": len(gaps), "p50_ms": _to_ms(percentile(raw, 50)), "p99_ms": _to_ms(percentile(raw, 99)),
+            "max_ms": _to_ms(max(raw, default=None)), "chunk_ms": _to_ms(float(np.median([s for _, s in gaps])) if gaps else None),
+            "excess_p99_ms": _to_ms(percentile(excess, 99)), "excess_max_ms": _to_ms(max(excess, default=None))}
+
+
+def _to_ms(secs: float | None) -> float | None:
+    return None if secs is None else round(secs * 1000, 1)
+
+
+def all_up_window(starts: list[float], ends: list[float], margin: float = ALL_UP_MARGIN) -> tuple[float, float] | None:
+    """(last start + margin, first end): while every call is up; None when shorter than MIN_WINDOW."""
+    if not starts or not ends:
+        return None
+    t0, t1 = max(starts) + margin, min(ends)
+    return (t0, t1) if t1 - t0 >= MIN_WINDOW else None
+
+
+def cpu_percent(samples: list[dict], key: str, window: tuple[float, float] | None) -> float | None:
+    """% of one core that `key` used between the first and the last sample inside `window`."""
+    if window is None:
+        return None
+    inside = [s for s in samples if window[0] <= s["t"] <= window[1] and s.get(key) is not None]
+    if len(inside) < 2 or inside[-1]["t"] <= inside[0]["t"]:
+        return None
+    return round((inside[-1][key] - inside[0][key]) / (inside[-1]["t"] - inside[0]["t"]) * 100, 1)
+
+
+def others_percent(samples: list[dict], window: tuple[float, float] | None) -> float | None:
+    """% of one core the rest of the machine used meanwhile (all busy CPU minus the bench's processes):
+    on a shared machine, this says whether the figures were taken under contention."""
+    machine, bridge, callers = (cpu_percent(samples, key, window) for key in ("machine_cpu", "bridge_cpu", "callers_cpu"))
+    engines = cpu_percent(samples, "engines_cpu", window) or 0.0  # the stock server has none
+    return None if None in (machine, bridge, callers) else round(machine - bridge - callers - engines, 1)
+
+
+def kill_effects(rows: list[dict]) -> dict:
+    """The calls that lost their engine (did the bridge fail them, apologise audibly, hang up cleanly)
+    and the others (were they disturbed)."""
+    lost = [r for r in rows if r.get("lost_engine")]
+    others = [r for r in rows if not r.get("lost_engine")]
+    return {
+        "lost": {"calls": len(lost), "engine_failed": sum(r.get("outcome") == "engine_failed" for r in lost),
+                 "apology_heard": sum((r.get("audible_after_kill_s") or 0) >= APOLOGY_SECS for r in lost),
+                 "clean_hang_up": sum(bool(r.get("hung_up_by_bridge")) and r.get("close_code") == 1000 for r in lost)},
+        "others": {"calls": len(others), "completed": sum(r.get("outcome") == "completed" for r in others),
+                   "underruns": sum(r.get("underruns") or 0 for r in others),
+                   "stray_clears": sum(r.get("stray_clears") or 0 for r in others),
+                   "barge_in_missed": sum(r.get("barge_in_ms") is None for r in others)},
+    }
+
+
+def engine_port(url: str | None) -> int | None:
+    return urlsplit(url).port if url else None
+
+
+def call_row(run: CallRun, t0: float, onset: float, record: dict | None, duration: float, kill: dict | None) -> dict:
+    """One call's figures; `record` is its bridge record (None: the stock server keeps none)."""
+    row = {"sid": run.sid, "start_s": round(run.start - t0, 3), "secs": round(run.end - run.start, 2), "error": run.error,
+           "violations": len(run.violations or []), "close_code": run.close_code, "sent_s": round(run.sent_secs, 2)}
+    if run.messages is not None:
+        row |= call_figures(run.messages, onset)
+    if record is not None:
+        row |= {"outcome": record["outcome"], "engine_port": engine_port(record["engine_url"]), "apology": record["apology"]}
+    if kill is not None and run.messages is not None:
+        row |= {"lost_engine": row.get("engine_port") in kill["ports"],
+                "audible_after_kill_s": round(audible_secs(run.messages, kill["t"] - run.start + KILL_MARGIN), 2),
+                "hung_up_by_bridge": run.sent_secs < duration - 1e-6}
+    return row
+
+
+def figures(rows: list[dict], gaps: list[tuple[float, float]], samples: list[dict], calls: int) -> dict:
+    """The run's figures from its per-call rows, speech gaps and /proc samples."""
+    done = [r for r in rows if not r["error"]]
+    lats = [r["barge_in_ms"] for r in done if r.get("barge_in_ms") is not None]
+    firsts = [r["first_audio_ms"] for r in done if r.get("first_audio_ms") is not None]
+    starts = [r["start_s"] for r in rows]
+    ends = [r["start_s"] + r["secs"] for r in rows]
+    window, whole = all_up_window(starts, ends), (min(starts), max(ends))
+    bridge = cpu_percent(samples, "bridge_cpu", window)
+    bridge_run = cpu_percent(samples, "bridge_cpu", whole)
+    rss = [s["rss_mb"] for s in samples if s.get("rss_mb") is not None]
+    return {
+        "calls": len(rows), "failed": sum(is_failed(r) for r in rows), "errors": [f"{r['sid']}: {r['error']}" for r in rows if r["error"]],
+        "outcomes": dict(Counter(r.get("outcome", "n/a") for r in rows)),
+        "chunk_violations": sum(r["violations"] for r in rows),
+        "underruns": {"count": sum(r.get("underruns", 0) for r in done), "ms": round(sum(r.get("underrun_ms", 0) for r in done), 1)},
+        "output_gaps": gap_figures(gaps),
+        "barge_in_ms": {"p50": percentile(lats, 50), "p95": percentile(lats, 95), "max": max(lats, default=None),
+                        "missed": len(done) - len(lats), "early_clears": sum(r.get("early_clears", 0) for r in done)},
+        "stray_clears": sum(r.get("stray_clears", 0) for r in done),
+        "first_audio_ms": {"p50": percentile(firsts, 50), "p95": percentile(firsts, 95), "max": max(firsts, default=None),
+                           "silent": len(done) - len(firsts)},
+        "cpu_pct": {"all_up_window_s": window, "bridge": bridge, "bridge_per_call": _per(bridge, calls),
+                    "engines": cpu_percent(samples, "engines_cpu", window), "callers": cpu_percent(samples, "callers_cpu", window),
+                    "others": others_percent(samples, window),
+                    "run_window_s": whole, "bridge_run": bridge_run, "bridge_run_per_call": _per(bridge_run, calls),
+                    "engines_run": cpu_percent(samples, "engines_cpu", whole), "callers_run": cpu_percent(samples, "callers_cpu", whole),
+                    "others_run": others_percent(samples, whole)},
+        "rss_mb": {"start": rss[0] if rss else None, "peak": max(rss, default=None), "end": rss[-1] if rss else None},
+    }
+
+
+def _per(pct: float | None, calls: int) -> float | None:
+    return None if pct is None else round(pct / calls, 2)
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """CPU seconds of the bridge, the engine processes and this one, and the bridge's RSS, every 0.5 s
+    (a killed engine keeps its last reading); a progress line every 2 s."""
+
+    def __init__(self, fleet, runs: list[CallRun], t0: float):
+        self.fleet, self.runs, self.t0 = fleet, runs, t0
+        self.samples: list[dict] = []
+        self._engines: dict[int, float] = {}
+
+    def sample(self) -> dict:
+        for pid in self.fleet.pids:
+            cpu = process_cpu_secs(pid)
+            if cpu is not None:
+                self._engines[pid] = cpu
+        s = {"t": round(time.monotonic() - self.t0, 3), "bridge_cpu": process_cpu_secs(self.fleet.server.pid),
+             "engines_cpu": sum(self._engines.values()) if self.fleet.pids else None,
+             "callers_cpu": process_cpu_secs(os.getpid()), "machine_cpu": machine_cpu_secs(),
+             "rss_mb": proc_status(self.fleet.server.pid).get("rss_mb")}
+        self.samples.append(s)
+        return s
+
+    async def run(self) -> None:
+        every = round(PROGRESS_SECS / SAMPLE_SECS)
+        while True:
+            await asyncio.sleep(SAMPLE_SECS)
+            s = self.sample()
+            if len(self.samples) > every and len(self.samples) % every == 1:
+                print(self.progress(self.samples[-1 - every], s), flush=True)
+
+    def progress(self, before: dict, now: dict) -> str:
+        active = sum(r.start is not None and r.end is None for r in self.runs)
+        done = sum(r.end is not None and not r.error for r in self.runs)
+        failed = sum(bool(r.error) for r in self.runs)
+        cpu = cpu_percent([before, now], "bridge_cpu", (before["t"], now["t"]))
+        return (f"{now['t']:6.1f} s  calls {active} active, {done} done, {failed} failed  "
+                f"bridge {int_text(cpu)}% of a core, RSS {int_text(now['rss_mb'])} MB")
+
+
+async def drive(f, args, audio: np.ndarray) -> tuple[list[CallRun], list[dict], float, dict | None]:
+    """Place the calls (and the kill); returns the runs, the samples, t0 and the kill."""
+    offsets = np.sort(np.random.default_rng(args.seed).uniform(0, args.arrival_secs, args.calls))
+    runs = [CallRun(f"load-{i:03d}") for i in range(args.calls)]
+    t0 = time.monotonic()
+    sampler = Sampler(f, runs, t0)
+    sampler.sample()
+    ticker = asyncio.create_task(sampler.run())
+
+    async def one(run: CallRun, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await run_call(f, run, audio, args.duration)
+
+    killer = None
+    if args.kill_engine_at is not None:
+        killer = asyncio.create_task(kill_engine(f, t0 + offsets[-1] + args.kill_engine_at))
+    await asyncio.gather(*(one(r, d) for r, d in zip(runs, offsets)))
+    kill = await killer if killer else None
+    await settle(f.server, timeout=30)
+    sampler.sample()
+    ticker.cancel()
+    return runs, sampler.samples, t0, kill
+
+
+async def kill_engine(f, at: float) -> dict:
+    """SIGKILL engine process 0 at `at` (monotonic), as a GPU server that crashes."""
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+    proc, ports = f.engines[0]
+    os.kill(proc.pid, signal.SIGKILL)
+    t = time.monotonic()
+    print(f"killed engine process {proc.pid} (ports {', '.join(map(str, ports))})", flush=True)
+    return {"t": t, "pid": proc.pid, "ports": ports}
+
+
+def bench_load(args) -> int:
+    """N concurrent calls through the bridge and its engine fleet: CPU, memory, cadence, barge-in, outcomes."""
+    from loguru import logger
+
+    logger.remove()  # the caller's per-chunk warnings are counted in the figures
+    return guarded(lambda: _bench_load(args))
+
+
+def _bench_load(args) -> int:
+    argv = command_argv(["bench", "load", "..."])
+    machine = machine_lines(argv)
+    print("\n".join(machine))
+    problem = _check(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    audio, onset = call_audio(SPEECH_AT, args.duration)
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        work = Path(args.log_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        stock = args.server == "stock"
+        servers = stock_fleet(STOCK_SPEAK_AT, CLIP, work) if stock else fleet(
+            args.config, args.calls, args.engines_per_process, script_options(SAY), work)
+        with servers as f:
+            print(f"scenario: {args.calls} {f.provider} calls to {'stock pipecat' if stock else 'the bridge'}, starts over "
+                  f"{args.arrival_secs:g} s, {args.duration:g} s each; {len(f.engines)} engine processes; caller speech "
+                  f"onset at {onset:.2f} s", flush=True)
+            runs, samples, t0, kill = asyncio.run(drive(f, args, audio))
+            records: dict[str, dict] | None = None if stock else {}
+            if records is not None:
+                read_records(f.records, records)
+            setup = {"provider": f.provider, "engine_processes": len(f.engines)}
+    rows = [call_row(r, t0, onset, None if records is None else records.get(r.sid, NO_RECORD), args.duration, kill)
+            for r in runs]
+    gaps = [g for r in runs if r.messages is not None for g in speech_gaps(r.messages)]
+    result = {"bench": "load", "machine": machine, "argv": argv,
+              "params": {k: v for k, v in vars(args).items() if k not in ("name", "log_dir")} | setup | {"speech_at_s": SPEECH_AT,
+                  "speech_onset_s": round(onset, 3), "script": [list(s) for s in SAY], "stock_speak_at_s": STOCK_SPEAK_AT if stock else None},
+              **figures(rows, gaps, samples, args.calls),
+              "kill": None if kill is None else {"pid": kill["pid"], "ports": kill["ports"], "at_s": round(kill["t"] - t0, 2), **kill_effects(rows)},
+              "per_call": rows, "samples": samples}
+    report(result)
+    print(f"\nwritten: {write_json(args.json, 'load', result)}")
+    return 0
+
+
+def _check(args) -> str | None:
+    if args.calls < 1 or args.engines_per_process < 1:
+        return "--calls and --engines-per-process must be at least 1"
+    if args.duration < SPEECH_AT + 1:
+        return f"--duration must be at least {SPEECH_AT + 1:g} s: the caller barges in at {SPEECH_AT:g} s"
+    if args.server == "stock" and args.kill_engine_at is not None:
+        return "the stock server has no engines to kill"
+    if args.server == "stock" and deployment(args.config)[1] != "exotel":
+        return "the stock server speaks Exotel only"
+    return None
+
+
+# ---- printing ------------------------------------------------------------------------------------
+
+
+def report(r: dict) -> None:
+    cpu, g, b, fa, rss = r["cpu_pct"], r["output_gaps"], r["barge_in_ms"], r["first_audio_ms"], r["rss_mb"]
+    window = cpu["all_up_window_s"]
+    server = "bridge" if r["params"]["server"] == "ours" else "stock server"
+    rows = [
+        ["calls / failed", f"{r['calls']} / {r['failed']}"],
+        ["outcomes", ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())],
+        ["all-up window s", "-" if window is None else f"{window[0]:.1f}-{window[1]:.1f}"],
+        [f"{server} CPU % (per call)", f"{int_text(cpu['bridge'])} ({_num(cpu['bridge_per_call'])})"],
+        ["engines / callers / other CPU %", f"{int_text(cpu['engines'])} / {int_text(cpu['callers'])} / {int_text(cpu['others'])}"],
+        [f"whole run: {server} % (per call)", f"{int_text(cpu['bridge_run'])} ({_num(cpu['bridge_run_per_call'])})"],
+        ["whole run: engines / callers / other %",
+         f"{int_text(cpu['engines_run'])} / {int_text(cpu['callers_run'])} / {int_text(cpu['others_run'])}"],
+        [f"{server} RSS MB start/peak/end", "/".join(int_text(rss[k]) for k in ("start", "peak", "end"))],
+        ["chunk violations", r["chunk_violations"]],
+        ["underruns (ms)", f"{r['underruns']['count']} ({r['underruns']['ms']:.0f})"],
+        ["gap ms p50/p99/max", "/".join(int_text(g[k]) for k in ("p50_ms", "p99_ms", "max_ms")) + f" (n {g['n']})"],
+        ["chunk ms; excess p99/max", f"{int_text(g['chunk_ms'])}; {int_text(g['excess_p99_ms'])}/{int_text(g['excess_max_ms'])}"],
+        ["barge-in ms p50/p95/max", "/".join(int_text(b[k]) for k in ("p50", "p95", "max")) + f" (missed {b['missed']})"],
+        ["clears early / stray", f"{b['early_clears']} / {r['stray_clears']}"],
+        ["first audio ms p50/p95/max", "/".join(int_text(fa[k]) for k in ("p50", "p95", "max")) + f" (silent {fa['silent']})"],
+    ]
+    print("\n```")
+    print(table(["figure", "value"], rows, first_width=30))
+    print("```")
+    kill = r["kill"]
+    if kill:
+        lost, others = kill["lost"], kill["others"]
+        print(f"\nkill: engine process {kill['pid']} at {kill['at_s']} s (ports {', '.join(map(str, kill['ports']))})")
+        print("```")
+        print(table(["calls", "n", "engine_failed", "apology heard", "clean hang-up", "completed", "underruns", "stray clears",
+                     "missed barge-in"], [
+            ["lost engine", lost["calls"], lost["engine_failed"], lost["apology_heard"], lost["clean_hang_up"], "-", "-", "-", "-"],
+            ["others", others["calls"], "-", "-", "-", others["completed"], others["underruns"], others["stray_clears"],
+             others["barge_in_missed"]]], 12))
+        print("```")
+    print("\nper call:\n```")
+    header = ["call", "start s", "outcome", "engine", "barge ms", "first ms", "underruns", "stray", "violations"]
+    if kill:
+        header += ["lost", "after kill s", "hung up"]
+    calls = []
+    for c in r["per_call"]:
+        line = [c["sid"], f"{c['start_s']:.2f}", c.get("outcome", "n/a") if not c["error"] else "error", c.get("engine_port") or "-",
+                int_text(c.get("barge_in_ms")), int_text(c.get("first_audio_ms")), c.get("underruns", "-"), c.get("stray_clears", "-"),
+                c["violations"]]
+        if kill:
+            line += ["yes" if c.get("lost_engine") else "no", c.get("audible_after_kill_s", "-"), "yes" if c.get("hung_up_by_bridge") else "no"]
+        calls.append(line)
+    print(table(header, calls))
+    print("```")
+    for e in r["errors"][:10]:
+        print(e)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
