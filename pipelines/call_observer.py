@@ -28,7 +28,7 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 
 from pipelines.call_log import CallLog
-from transports.frames import HOLDING_CONTEXT, BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame
+from transports.frames import BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame, holding_clip
 
 _WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
             BotStartedSpeakingFrame, BotStoppedSpeakingFrame, BargeInFrame, ModelMuteFrame,
@@ -71,14 +71,14 @@ class CallObserver(BaseObserver):
             else:
                 log.mute_ended(frame.secs, frame.words, frame.speech_secs)
         elif isinstance(frame, TTSAudioRawFrame):
-            context = frame.context_id or ""
-            if context.startswith(HOLDING_CONTEXT):  # a clip is pushed whole, as one frame
-                log.holding(context[len(HOLDING_CONTEXT):], len(frame.audio) / 2 / frame.sample_rate)
+            clip = holding_clip(frame.context_id)
+            if clip is not None:  # a clip is pushed whole, as one frame
+                log.holding(clip, len(frame.audio) / 2 / frame.sample_rate)
         elif isinstance(frame, TTSStartedFrame):
-            if not (frame.context_id or "").startswith(HOLDING_CONTEXT):
+            if holding_clip(frame.context_id) is None:
                 log.speech_started(frame.context_id)
         elif isinstance(frame, TTSStoppedFrame):
-            if not (frame.context_id or "").startswith(HOLDING_CONTEXT):
+            if holding_clip(frame.context_id) is None:
                 log.speech_stopped(frame.context_id)
         elif isinstance(frame, TTSTextFrame):
             log.text(frame.text if frame.includes_inter_frame_spaces else f" {frame.text}")

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from processors.audio import read_wav
 from processors.errors import ParamsError
-from transports.frames import HOLDING_CONTEXT, EngineFailedFrame, FadeOutFrame, ModelMuteFrame
+from transports.frames import EngineFailedFrame, FadeOutFrame, ModelMuteFrame, holding_clip, holding_context
 
 TELEPHONY_RATES = (8000, 16000, 24000)
 DEFAULT_CLIPS = {"greeting": "clips/greeting.wav", "one_moment": "clips/one_moment.wav", "apology": "clips/apology.wav"}
@@ -161,7 +161,7 @@ class HoldingProcessor(FrameProcessor):
 
     async def _play(self, name: str, trigger: str):
         pcm = self._bank.get(name, self._rate)
-        context = HOLDING_CONTEXT + name
+        context = holding_context(name)
         self._clip_until = self._now() + len(pcm) / 2 / self._rate
         played = self.stats["played"]
         played[trigger] = played.get(trigger, 0) + 1
@@ -225,4 +225,4 @@ class HoldingProcessor(FrameProcessor):
 
 
 def _is_clip(frame: TTSStartedFrame | TTSStoppedFrame) -> bool:
-    return (frame.context_id or "").startswith(HOLDING_CONTEXT)
+    return holding_clip(frame.context_id) is not None

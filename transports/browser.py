@@ -40,7 +40,7 @@ from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from transports.base import ENVELOPE_BYTES, CallRate, Drop, HttpReply, HttpRequest, JsonProtocol, RateLimit, audio_frames, base64_len, dump
-from transports.frames import HOLDING_CONTEXT, CallInfo, CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame
+from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame, holding_clip
 
 PAGE_DIR = Path(__file__).parent / "browser_page"
 ASSETS = {"main.js": "text/javascript", "capture.js": "text/javascript", "playback.js": "text/javascript"}
@@ -197,7 +197,7 @@ class BrowserProtocol(JsonProtocol):
         ends there too, unless the mark is a holding clip's (clips have no text; one fading out may
         end after the model's first word)."""
         self._started()
-        return [dump({"type": "mark", "name": name})] + ([] if name.startswith(HOLDING_CONTEXT) else self._end_text())
+        return [dump({"type": "mark", "name": name})] + ([] if holding_clip(name) is not None else self._end_text())
 
     def clear(self) -> list[str]:
         """The page drops its queue at once and echoes every pending mark."""

@@ -88,7 +88,20 @@ class PacedAudioFrame(OutputAudioRawFrame):
 
 # ---- conversation frames ----------------------------------------------------------------------
 
-HOLDING_CONTEXT = "holding:"
+_HOLDING = "holding:"
+
+
+def holding_context(clip: str) -> str:
+    """The TTS context id of a holding clip's utterance; the pacer names the utterance's mark after it."""
+    return _HOLDING + clip
+
+
+def holding_clip(context_id: str | None) -> str | None:
+    """The clip a context id or mark name belongs to, or None for the model's speech. One place reads
+    the tag, so no module parses ids by hand."""
+    if context_id and context_id.startswith(_HOLDING):
+        return context_id[len(_HOLDING):]
+    return None
 
 
 @dataclass
