@@ -8,61 +8,63 @@ waiting are scored together in one run of the shared session (a batch of 32 cost
 window). A batch goes out as soon as the previous one is back, so a quiet server adds no delay and a
 busy one gets bigger batches. Each call's windows are scored in order, one per batch, so its
 confidences are exactly those of pipecat's own analyzer fed 32 ms at a time.
+
+What this needs of pipecat's internals (its model file, its analyzer's state machine and resets) is
+in processors/pipecat_adapter.py; here is only Silero's own arithmetic and the batching.
 """
 
 import asyncio
-import os
-import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 
 import numpy as np
 
-# onnxruntime 1.32 otherwise writes a device id under ~/.cache and may send usage events; a bridge
-# on a read-only root filesystem (configs/kubernetes) must write nothing.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-import onnxruntime  # noqa: E402
-from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
-from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
+from processors.pipecat_adapter import SILERO_CONTEXT, SILERO_RATES, ScoredSileroAnalyzer, SileroState, silero_session
 
-RATES = (8000, 16000)
-_CONTEXT = {8000: 32, 16000: 64}  # samples of the previous window Silero prepends (as pipecat's wrapper)
+RATES = SILERO_RATES
 _RUNNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="silero")  # ONNX releases the GIL meanwhile
-_session: onnxruntime.InferenceSession | None = None
-_session_lock = threading.Lock()
+__all__ = ["RATES", "BatchedSileroAnalyzer", "SileroBatcher", "SileroState", "batcher", "score_now", "silero_session"]
 
 
-def silero_session() -> onnxruntime.InferenceSession:
-    """The process's Silero session, loaded on first use (pipecat's model file and options)."""
-    global _session
-    with _session_lock:
-        if _session is None:
-            options = onnxruntime.SessionOptions()
-            options.inter_op_num_threads = options.intra_op_num_threads = 1
-            path = str(resources.files("pipecat.audio.vad.data").joinpath("silero_vad.onnx"))
-            _session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=options)
-        return _session
+def _inputs(group: list[tuple[SileroState, np.ndarray]], rate: int) -> dict[str, np.ndarray]:
+    """One run's inputs: each stream's context before its window (a fresh context after a rate change)."""
+    context = SILERO_CONTEXT[rate]
+    for state, _ in group:
+        if state.rate != rate or state.context.shape[1] != context:
+            state.reset_states()
+            state.context = np.zeros((1, context), np.float32)
+    x = np.concatenate([np.concatenate((s.context, w[None, :]), axis=1) for s, w in group])
+    states = np.concatenate([s.state for s, _ in group], axis=1)
+    return {"input": x, "state": states, "sr": np.array(rate, dtype=np.int64)}
 
 
-class CallState(SileroOnnxModel):
-    """One call's recurrent state and context; pipecat's reset_states() still applies."""
+def _advance(group: list[tuple[SileroState, np.ndarray]], rate: int, inputs: dict, new_states: np.ndarray):
+    context = SILERO_CONTEXT[rate]
+    for i, (state, _) in enumerate(group):
+        state.state = new_states[:, i : i + 1, :].copy()
+        state.context = inputs["input"][i : i + 1, -context:].copy()
+        state.rate = rate
 
-    def __init__(self):  # no session of its own
-        self.sample_rates = list(RATES)
-        self.reset_states()
+
+def score_now(state: SileroState, window: np.ndarray, rate: int) -> float:
+    """One window scored synchronously on the shared session (as pipecat's SileroOnnxModel would)."""
+    group = [(state, window)]
+    inputs = _inputs(group, rate)
+    out, new_states = silero_session().run(None, inputs)
+    _advance(group, rate, inputs, new_states)
+    return float(out[0, 0])
 
 
 class SileroBatcher:
     """Scores windows from many calls in shared runs, on one event loop."""
 
     def __init__(self):
-        self._waiting: list[tuple[CallState, np.ndarray, int, asyncio.Future]] = []
+        self._waiting: list[tuple[SileroState, np.ndarray, int, asyncio.Future]] = []
         self._running = False
         self.runs = 0
         self.windows = 0
 
-    async def score(self, state: CallState, window: np.ndarray, rate: int) -> float:
+    async def score(self, state: SileroState, window: np.ndarray, rate: int) -> float:
         """Speech probability of one window (float32 samples) of this call, its state advanced."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((state, window, rate, future))
@@ -83,14 +85,8 @@ class SileroBatcher:
             self._running = False
 
     async def _run(self, group: list, rate: int):
-        context = _CONTEXT[rate]
-        for state, *_ in group:
-            if state._last_sr != rate or state._context.shape[1] != context:
-                state.reset_states()
-                state._context = np.zeros((1, context), np.float32)
-        x = np.concatenate([np.concatenate((s._context, w[None, :]), axis=1) for s, w, _, _ in group])
-        states = np.concatenate([s._state for s, *_ in group], axis=1)
-        inputs = {"input": x, "state": states, "sr": np.array(rate, dtype=np.int64)}
+        pairs = [(state, window) for state, window, _, _ in group]
+        inputs = _inputs(pairs, rate)
         try:
             out, new_states = await asyncio.get_running_loop().run_in_executor(_RUNNER, silero_session().run, None, inputs)
         except Exception as exc:  # every waiting call hears about it, none hangs
@@ -100,10 +96,8 @@ class SileroBatcher:
             return
         self.runs += 1
         self.windows += len(group)
-        for i, (state, _, _, future) in enumerate(group):
-            state._state = new_states[:, i : i + 1, :].copy()
-            state._context = x[i : i + 1, -context:].copy()
-            state._last_sr = rate
+        _advance(pairs, rate, inputs, new_states)
+        for i, (*_, future) in enumerate(group):
             if not future.done():  # the call may have hung up meanwhile
                 future.set_result(float(out[i, 0]))
 
@@ -119,34 +113,12 @@ def batcher() -> SileroBatcher:
     return _batchers[loop]
 
 
-class BatchedSileroAnalyzer(SileroVADAnalyzer):
+class BatchedSileroAnalyzer(ScoredSileroAnalyzer):
     """Pipecat's Silero analyzer (its thresholds, smoothing and model resets), scored by the batcher."""
 
-    def __init__(self, *, params: VADParams):
-        VADAnalyzer.__init__(self, params=params)  # not SileroVADAnalyzer's: it loads a session per call
-        self._model = CallState()
-        self._windows_since_reset = 0
-        self._low_confidence_windows = 0
-        self._score = 0.0
-        self.voiced = False  # the last window's verdict: STARTING or SPEAKING, not STOPPING or QUIET
+    def __init__(self, *, params):
+        super().__init__(params=params)
         silero_session()  # the first call loads it (in the caller's worker thread)
 
-    async def analyze_audio(self, buffer: bytes) -> VADState:
-        data, self._vad_buffer = self._vad_buffer + buffer, b""
-        size = self._vad_frames_num_bytes
-        state = self._vad_state
-        while len(data) >= size:
-            window, data = data[:size], data[size:]
-            samples = np.frombuffer(window, np.int16).astype(np.float32) / 32768.0
-            self._score = await batcher().score(self._model, samples, self.sample_rate)
-            state = self._run_analyzer(window)  # pipecat's state machine, one window at a time
-            self.voiced = state in (VADState.STARTING, VADState.SPEAKING)
-        self._vad_buffer = data
-        return state
-
-    def voice_confidence(self, buffer) -> float:
-        self._maybe_reset_model(self._score)
-        return self._score
-
-    async def cleanup(self):
-        pass  # no executor of its own to shut down
+    async def score(self, samples: np.ndarray) -> float:
+        return await batcher().score(self.state, samples, self.sample_rate)

@@ -8,10 +8,11 @@ two keeps a click or cough from barging in. No white, pink or brown noise or 1 k
 -20 dBFS triggers either setting
 (`python -m pipelines bench vad`, BENCHMARKS.md).
 
-Calls share one Silero session and score their windows in batches (processors/silero.py). The
-first call loads the session (~40 ms of blocking work), so the analyzer is built in a worker thread
-after setup() and the call does not wait for it: audio passes unanalysed for those first tens of
-milliseconds, inside barge-in's start mute window. Besides pipecat's speech start/stop frames
+Calls share one Silero session and score their windows in batches (processors/silero.py); the
+builder loads it before serving (`prepare`). Built without the builder, the first call loads the
+session (~40 ms of blocking work), so the analyzer is built in a worker thread after setup() and
+the call does not wait for it: audio passes unanalysed for those first tens of milliseconds,
+inside barge-in's start mute window. Besides pipecat's speech start/stop frames
 (which lag speech by start_secs/stop_secs), a CallerVoiceFrame follows Silero's window-by-window
 verdict, so barge-in can tell a short backchannel from a caller taking the floor. The analyzer
 follows the rate of the audio frames (a resampler may sit in front); Silero only knows 8 and
@@ -23,12 +24,12 @@ import dataclasses
 
 from pipecat.audio.vad.vad_analyzer import VADParams as PipecatVADParams
 from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
-from pipecat.processors.audio.vad_processor import VADProcessor as PipecatVADProcessor
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
+from processors.pipecat_adapter import LateAnalyzerVADProcessor
 from processors.silero import RATES as SILERO_RATES
-from processors.silero import BatchedSileroAnalyzer
+from processors.silero import BatchedSileroAnalyzer, silero_session
 from transports.frames import CallerVoiceFrame
 
 
@@ -46,14 +47,19 @@ class VADParams(BaseModel):
         return PipecatVADParams(**self.model_dump())
 
 
-class VADProcessor(PipecatVADProcessor):
+class VADProcessor(LateAnalyzerVADProcessor):
     """Silero VAD on caller audio (8 or 16 kHz): user started/stopped speaking frames."""
 
     Params = VADParams
 
+    @classmethod
+    def prepare(cls, params: VADParams, *dirs) -> None:
+        """Load the shared Silero session before serving (the builder calls this once per deployment)."""
+        silero_session()
+
     def __init__(self, params: VADParams | None = None, **kwargs):
-        # pipecat's VADController only stores the analyzer until setup(); ours is built after it.
-        super().__init__(vad_analyzer=None, **kwargs)  # type: ignore[arg-type]
+        # pipecat's VADController only stores the analyzer until setup(); ours is attached after it.
+        super().__init__(**kwargs)
         self._params = params or VADParams()
         self._analyzer: BatchedSileroAnalyzer | None = None
         self._loading: asyncio.Task | None = None
@@ -64,7 +70,7 @@ class VADProcessor(PipecatVADProcessor):
     async def setup(self, setup: FrameProcessorSetup):
         # Skip pipecat's VADProcessor.setup (it needs the analyzer): the call starts, and its greeting
         # plays, while Silero loads in a worker thread.
-        await FrameProcessor.setup(self, setup)
+        await self.setup_without_analyzer(setup)
         rate = setup.audio_in_sample_rate
         # Audio at other rates is checked per frame; the controller would raise here.
         controller_setup = setup if rate in SILERO_RATES else dataclasses.replace(setup, audio_in_sample_rate=16000)
@@ -72,11 +78,10 @@ class VADProcessor(PipecatVADProcessor):
 
     async def _load(self, setup: FrameProcessorSetup):
         analyzer = await asyncio.to_thread(BatchedSileroAnalyzer, params=self._params.pipecat())
-        self._vad_controller._vad_analyzer = analyzer
-        await self._vad_controller.setup(setup)
+        await self.attach_analyzer(analyzer, setup)
         self._analyzer = analyzer
         if self._started:
-            await self._vad_controller.start()
+            await self.start_vad()
 
     async def cleanup(self):
         if self._loading:
@@ -85,7 +90,7 @@ class VADProcessor(PipecatVADProcessor):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if self._analyzer is None:  # still loading: everything passes on, nothing is analysed yet
-            await FrameProcessor.process_frame(self, frame, direction)
+            await self.process_without_vad(frame, direction)
             self._started |= isinstance(frame, StartFrame)
             await self.push_frame(frame, direction)
             return
@@ -100,7 +105,7 @@ class VADProcessor(PipecatVADProcessor):
             await self.push_frame(CallerVoiceFrame(voiced=self._voiced))
 
     async def _reject(self, frame: InputAudioRawFrame, direction: FrameDirection):
-        await super(PipecatVADProcessor, self).process_frame(frame, direction)
+        await self.process_without_vad(frame, direction)
         if not self._bad_rate_reported:
             self._bad_rate_reported = True
             await self.push_error(

@@ -17,7 +17,7 @@ import soxr
 
 from pipelines.sim.engine.script import ScriptAgent
 from processors.personaplex.ogg_reader import FRAME_SAMPLES, SAMPLE_RATE
-from processors.silero import CallState, silero_session
+from processors.silero import SileroState, score_now, silero_session  # noqa: F401  (reference.py loads it at start-up)
 
 STEP_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08
 TURN_END_SECS = 0.64
@@ -51,8 +51,7 @@ class SileroListener:
     """
 
     def __init__(self) -> None:
-        self._model = CallState()
-        self._model.session = silero_session()
+        self._model = SileroState()
         self._resampler = soxr.ResampleStream(SAMPLE_RATE, VAD_RATE, 1, dtype="float32")
         self._pending = np.zeros(0, np.float32)
         self._since_reset = 0
@@ -64,7 +63,7 @@ class SileroListener:
         voiced = False
         while len(self._pending) >= WINDOW:
             window, self._pending = self._pending[:WINDOW], self._pending[WINDOW:]
-            prob = float(self._model(window, VAD_RATE)[0, 0])
+            prob = score_now(self._model, window, VAD_RATE)
             voiced |= prob >= VOICED
             self._since_reset += 1
             self._quiet_windows = self._quiet_windows + 1 if prob < RESET_MAX_PROB else 0
