@@ -31,6 +31,11 @@ class ProcessorPlan:
     name: str | None
     prepared: Any = None  # what the class's `prepare(params, config_dir)` made once for all calls
 
+    @property
+    def stats_name(self) -> str:
+        """The key of its processor's stats in logs and /stats: the YAML's `name`, else its type."""
+        return self.name or self.entry.name
+
 
 @dataclass
 class DeploymentPlan:
@@ -41,6 +46,10 @@ class DeploymentPlan:
     @property
     def transport(self):
         return find_transport(self.loaded.config.transport.type)
+
+    def stats_names(self) -> list[str]:
+        """Each processor's stats key, in the order `new_call_processors` builds them."""
+        return [p.stats_name for p in self.processors]
 
     def new_protocol(self, query: dict[str, str]):
         return self.transport.protocol(self.transport_params, query)
@@ -177,8 +186,7 @@ def new_processor(p: ProcessorPlan, engines: EnginePools) -> FrameProcessor:
         processor = p.entry.cls(p.params, **kwargs)  # params are read-only; one model serves every call
     else:
         processor = p.entry.cls(**copy.deepcopy(p.params), **kwargs)  # per call: services may change their settings
-    processor.registry_name = p.name or p.entry.name  # the key of its stats in logs and /stats
-    return processor
+    return processor  # nothing written onto it: its stats key is the plan's (DeploymentPlan.stats_names)
 
 
 def new_call_processors(deployment: DeploymentPlan, engines: EnginePools) -> list[FrameProcessor]:

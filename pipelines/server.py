@@ -68,12 +68,14 @@ class ActiveCall:
         return 0.0 if self.socket is None else self.socket.blocked_secs()
 
 
-def call_stats(processors: list, output: CallOutput) -> dict:
-    """Each processor's `stats` dict under its registered name (or class name), for logs and /stats."""
+def call_stats(processors: list, output: CallOutput, names: list[str] | None = None) -> dict:
+    """Each processor's `stats` dict under its name in the plan (`names`, in the same order; else its
+    class name), for logs and /stats."""
     out = {"output": {**output.stats, "messages_sent": output.messages_sent}}
-    for p in processors:
+    names = list(names or [])
+    for i, p in enumerate(processors):
         if isinstance(getattr(p, "stats", None), dict):
-            name = getattr(p, "registry_name", None) or type(p).__name__
+            name = names[i] if i < len(names) else type(p).__name__
             key, n = name, 2
             while key in out:
                 key, n = f"{name}{n}", n + 1
@@ -336,7 +338,7 @@ class CallServer:
             if socket.stalled and not call.stopped_by_provider:  # after `stop`, unread audio is no fault
                 logger.warning(f"call {call.call_id}: the caller stopped reading for {self.timeouts.send_timeout_secs:g} s; cut")
                 call.log.outcome = call.log.outcome or "caller_stalled"
-            stats = call_stats(processors, output)
+            stats = call_stats(processors, output, self.deployment.stats_names())
             outcome = call.log.end(outcome, protocol.dropped, stats)
             seconds = time.monotonic() - call.started
             self.recent.append({"call_id": call.call_id, "provider": call.provider, "outcome": outcome,
