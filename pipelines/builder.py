@@ -73,20 +73,23 @@ def plan(loaded: LoadedConfig) -> DeploymentPlan:
         prepared = None
         if entry.params is not None:
             params: BaseModel | dict = loaded.validate_model(entry.params, spec.params, loc)
-            prepared = _prepare(loaded, entry, params, loc)
+            prepared = _prepare(loaded, entry, params, loc, [p.prepared for p in plans])
         else:
             params = _check_kwargs(loaded, entry, spec.params, loc)
         plans.append(ProcessorPlan(entry, params, spec.name, prepared))
     return DeploymentPlan(loaded, transport_params, plans)
 
 
-def _prepare(loaded: LoadedConfig, entry: ProcessorEntry, params: BaseModel, loc: tuple) -> Any:
-    """Start-up work a processor shares between calls (e.g. rendered clips), done before serving."""
+def _prepare(loaded: LoadedConfig, entry: ProcessorEntry, params: BaseModel, loc: tuple, earlier: list) -> Any:
+    """Start-up work a processor shares between calls (e.g. rendered clips), done before serving.
+    A `prepare` that takes `earlier` also gets what this plan prepared before it, in list order
+    (llm_context pairs its halves so): whatever processors share, they share within one plan."""
     prepare = getattr(entry.cls, "prepare", None)
     if prepare is None:
         return None
+    kwargs = {"earlier": list(earlier)} if "earlier" in inspect.signature(prepare).parameters else {}
     try:
-        return prepare(params, loaded.path.parent, CONFIG_DIR)
+        return prepare(params, loaded.path.parent, CONFIG_DIR, **kwargs)
     except ParamsError as exc:
         raise loaded.error(loc + exc.loc, exc.problem) from None
 

@@ -5,7 +5,8 @@ LLMContextFrame that runs it) and LLMAssistantAggregator (after the TTS: the bot
 the context) must share one LLMContext per call, an object YAML cannot name. So both halves are
 this processor, `role: user` and `role: assistant`: the user half builds the call's
 LLMContextAggregatorPair and hands it to the assistant half, which the builder makes next for the
-same call (processors are built in list order, synchronously). Each half is a one-processor
+same call (processors are built in list order, synchronously), through a hand-off the two halves
+share in the deployment's plan (`prepare`), never between plans. Each half is a one-processor
 Pipeline around pipecat's own aggregator. The user half also gives the LLM its system
 instruction, right behind the StartFrame: pipecat 1.14 takes it as a service setting (a system
 message in the context is deprecated), and settings objects cannot be written in YAML either.
@@ -17,6 +18,7 @@ with its guards. The bot's words reach the context as the TTS makes them, ahead 
 after a barge-in the context may hold a little the caller did not hear.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +39,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from processors.errors import ParamsError
+from processors.pipecat_adapter import set_name
 
 USER_HALF_ONLY = ("system_instruction", "user_speech_timeout", "interruptions")
 
@@ -58,12 +61,12 @@ class LLMContextParams(BaseModel):
 
 
 class _Handoff:
-    """One per deployment: carries each call's aggregator pair from its user half to its assistant half."""
+    """One per user half in a plan: carries each call's aggregator pair from its user half to its
+    assistant half; `claimed` once an assistant half is planned with it."""
 
-    pair: LLMContextAggregatorPair | None = None
-
-
-_unpaired: _Handoff | None = None  # a user half planned whose assistant half is still to come
+    def __init__(self):
+        self.pair: LLMContextAggregatorPair | None = None
+        self.claimed = False
 
 
 class LLMContextProcessor(Pipeline):
@@ -72,15 +75,16 @@ class LLMContextProcessor(Pipeline):
     Params = LLMContextParams
 
     @classmethod
-    def prepare(cls, params: LLMContextParams, *dirs: Path) -> _Handoff:
-        """Pair the halves at load time: a `role: assistant` needs a `role: user` earlier in the list."""
-        global _unpaired
+    def prepare(cls, params: LLMContextParams, *dirs: Path, earlier: Sequence = ()) -> _Handoff:
+        """Pair the halves at load time: a `role: assistant` takes the latest `role: user` earlier in
+        the list (`earlier`: what the builder prepared before it in this plan), if no assistant half
+        has taken it. Nothing is kept between plans."""
         if params.role == "user":
-            _unpaired = _Handoff()
-            return _unpaired
-        if _unpaired is None:
+            return _Handoff()
+        handoff = next((h for h in reversed(earlier) if isinstance(h, _Handoff)), None)
+        if handoff is None or handoff.claimed:
             raise ParamsError(("role",), "no `llm_context` with role: user earlier in the list to share a context with")
-        handoff, _unpaired = _unpaired, None
+        handoff.claimed = True
         return handoff
 
     def __init__(self, params: LLMContextParams, *, prepared: _Handoff | None = None, **kwargs):
@@ -94,7 +98,7 @@ class LLMContextProcessor(Pipeline):
             aggregator, handoff.pair = handoff.pair.assistant(), None
         super().__init__([aggregator])
         if kwargs.get("name"):
-            self._name = kwargs["name"]
+            set_name(self, kwargs["name"])  # pipecat's Pipeline takes no name
         self.aggregator = aggregator
         self._instruction = params.system_instruction if params.role == "user" else None
 

@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from pipelines import builder, config
 from pipelines.errors import ConfigError
-from processors import llm_context
 from processors.llm_context import LLMContextParams, LLMContextProcessor
 
 PAIR = """\
@@ -51,14 +50,49 @@ def test_each_call_gets_one_context_shared_by_its_two_halves(tmp_path):
     assert first[0].context is not second[0].context
 
 
-def test_an_assistant_half_needs_a_user_half_before_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(llm_context, "_unpaired", None)  # nothing left over from files planned before
+def test_an_assistant_half_needs_a_user_half_before_it(tmp_path):
     with pytest.raises(ConfigError) as info:
         plan(tmp_path, SWAPPED)
     assert (info.value.line, info.value.key) == (4, "processors[0].params.role")
     assert "role: user" in info.value.problem
     with pytest.raises(RuntimeError):
         LLMContextProcessor(LLMContextParams(role="assistant"))
+
+
+USER_ONLY = """\
+transport: {type: exotel}
+processors:
+  - type: llm_context
+    params: {role: user}
+"""
+ASSISTANT_ONLY = """\
+transport: {type: exotel}
+processors:
+  - type: llm_context
+    params: {role: assistant}
+"""
+TWO_ASSISTANTS = PAIR + """\
+  - type: llm_context
+    params: {role: assistant}
+"""
+
+
+def test_two_plans_in_a_row_do_not_pair_across_each_other(tmp_path):
+    plan(tmp_path, USER_ONLY)  # a user half left waiting in the first plan...
+    with pytest.raises(ConfigError) as info:
+        plan(tmp_path, ASSISTANT_ONLY)  # ...is not the second plan's
+    assert info.value.key == "processors[0].params.role"
+    first, second = plan(tmp_path, PAIR), plan(tmp_path, PAIR)
+    halves = [p.prepared for d in (first, second) for p in d.processors if p.entry.name == "llm_context"]
+    assert halves[0] is halves[1] and halves[2] is halves[3] and halves[0] is not halves[2]
+    a, b = builder.new_call_processors(first, None), builder.new_call_processors(second, None)
+    assert a[0].context is a[2].context and b[0].context is b[2].context and a[0].context is not b[0].context
+
+
+def test_one_user_half_pairs_with_one_assistant_half(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        plan(tmp_path, TWO_ASSISTANTS)
+    assert info.value.key == "processors[3].params.role"
 
 
 def test_user_half_keys_are_refused_on_the_assistant_half():
