@@ -57,8 +57,8 @@ class PersonaPlexParams(BaseModel):
     verify_tls: bool = Field(False, description="PersonaPlex serves self-signed mkcert certificates")
     ca_file: str | None = None
     connect_timeout: float = Field(5.0, gt=0)
-    handshake_timeout: float = Field(20.0, gt=0, description="prompt phase is 2-9 s, plus queueing")
-    silence_timeout: float = Field(2.0, gt=0, description="no model audio this long while audio flows = failure")
+    handshake_timeout_secs: float = Field(20.0, gt=0, description="connect plus handshake; the prompt phase is 2-9 s, plus queueing")
+    silence_timeout_secs: float = Field(2.0, gt=0, description="no model audio this long while audio flows = failure")
     # Caller-audio encoder (processors/personaplex/uplink.py); CPU and PESQ per setting: python -m pipelines bench uplink
     uplink_complexity: int = Field(5, ge=0, le=10, description="libopus complexity of the caller-audio encoder; "
                                    "in lowdelay mode 1-10 score alike on phone speech, 0 is worse")
@@ -193,7 +193,7 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._event("engine_acquired", url=url, wait_ms=_ms(asked))
             opened = time.monotonic()
             try:
-                ws = await open_session(url, persona.voice_prompt, persona.text_prompt, timeout=self._params.handshake_timeout,
+                ws = await open_session(url, persona.voice_prompt, persona.text_prompt, timeout=self._params.handshake_timeout_secs,
                                         connect_timeout=self._params.connect_timeout,
                                         tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
             except EngineUnreachable as exc:
@@ -237,7 +237,7 @@ class PersonaPlexProcessor(FrameProcessor):
                 await self.push_frame(text)
 
     async def _watch_silence(self):
-        limit = self._params.silence_timeout
+        limit = self._params.silence_timeout_secs
         while not self._closing:
             await asyncio.sleep(min(0.25, limit / 4))
             now = time.monotonic()

@@ -37,7 +37,7 @@ processors:
   - type: resample
     params: {audio: input, rate: 24000}
   - type: personaplex
-    params: {silence_timeout: 15}   # a holder's engine keeps its call on a loaded 2-core machine
+    params: {silence_timeout_secs: 15}   # a holder's engine keeps its call on a loaded 2-core machine
   - type: resample
     params: {audio: output, rate: call}
   - type: holding

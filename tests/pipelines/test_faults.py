@@ -178,7 +178,7 @@ def deployment_file(tmp_path: Path, records: Path, urls: list[str], *, wait_secs
     cfg["records"] = {"dir": str(records), "audio": False}
     for p in cfg["processors"]:
         if p["type"] == "personaplex":
-            p["params"].update({"handshake_timeout": 5.0, **personaplex})
+            p["params"].update({"handshake_timeout_secs": 5.0, **personaplex})
         elif p["type"] == "holding":
             p["params"]["clips"]["greeting"] = "clips/one_moment.wav"
         elif p["type"] == "pacer":
@@ -441,7 +441,7 @@ async def test_engine_dying_mid_call_apologises_and_leaves_rotation(bridge, engi
     [port] = free_ports(1)
     stalled = f"ws://127.0.0.1:{port}"
     with engine_process([port]) as frozen:
-        b = await bridge([dying.url, stalled, healthy.url], silence_timeout=1.5)
+        b = await bridge([dying.url, stalled, healthy.url], silence_timeout_secs=1.5)
         baseline(b)
         try:
             closes = asyncio.create_task(dial(b.url, "closes", Script()))
@@ -472,11 +472,11 @@ async def test_engine_dying_mid_call_apologises_and_leaves_rotation(bridge, engi
 
 
 async def test_handshake_that_never_comes_apologises(bridge, engines):
-    """The engine accepts the WebSocket and stays in its prompt phase: after handshake_timeout the
+    """The engine accepts the WebSocket and stays in its prompt phase: after handshake_timeout_secs the
     engine leaves rotation, the only other engine is busy, so the call gets the apology."""
     healthy = await engines()
     mute = await engines(handshake_delay=3600)
-    b = await bridge([healthy.url, mute.url], wait_secs=0, handshake_timeout=1.5)
+    b = await bridge([healthy.url, mute.url], wait_secs=0, handshake_timeout_secs=1.5)
     baseline(b)
     other = asyncio.create_task(dial(b.url, "other", bystander()))
     await b.leased(0, "other")
@@ -661,7 +661,7 @@ async def test_fifty_calls_arriving_together_all_hear_audio_and_end_cleanly(tmp_
     urls = [f"ws://127.0.0.1:{p}" for p in ports]
     # Fifty engines, the bridge and fifty callers are more than two cores can run in real time: the engine
     # process falls behind by seconds, and the 2 s silence watchdog would take starved engines for dead.
-    with engine_process(ports), served(tmp_path, urls, silence_timeout=15.0) as srv:
+    with engine_process(ports), served(tmp_path, urls, silence_timeout_secs=15.0) as srv:
         base = await warmed_up(srv, 8)
         calls = await asyncio.wait_for(asyncio.gather(*(
             dial(srv.url(), f"burst-{i:02d}", Script(hang_up_at=3.0).say(WORD, 1.5)) for i in range(n))), 3 * HANG)

@@ -22,7 +22,7 @@ processors:
   - type: resample
     params: {audio: input, rate: 24000}
   - type: personaplex
-    params: {handshake_timeout: 2, silence_timeout: 1}
+    params: {handshake_timeout_secs: 2, silence_timeout_secs: 1}
   - type: resample
     params: {audio: output, rate: call}
 """

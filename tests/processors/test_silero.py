@@ -7,6 +7,7 @@ from pipecat.audio.vad.silero import SileroVADAnalyzer
 
 from pipelines.sim.speech import fixture_wav
 from processors import silero
+from processors.pipecat_adapter import run_state_machine
 from processors.silero import BatchedSileroAnalyzer
 from processors.vad import VADParams
 
@@ -27,7 +28,7 @@ def pipecat_reference(pcm: np.ndarray) -> tuple[list[float], list]:
 
     analyzer.voice_confidence = recording
     for i in range(0, len(pcm) - WINDOW + 1, WINDOW):
-        states.append(analyzer._run_analyzer(pcm[i : i + WINDOW].tobytes()))
+        states.append(run_state_machine(analyzer, pcm[i : i + WINDOW].tobytes()))
     return scores, states
 
 
@@ -36,7 +37,7 @@ async def batched(pcm: np.ndarray, frame: int) -> tuple[list[float], list]:
     analyzer = BatchedSileroAnalyzer(params=VADParams().pipecat())
     analyzer.set_sample_rate(RATE)
     scores, states = [], []
-    original = analyzer._run_analyzer
+    original = analyzer._run_analyzer  # the state machine the adapter runs (test_pipecat_contract)
 
     def recording(window):
         scores.append(analyzer._score)

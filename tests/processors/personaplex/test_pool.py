@@ -292,7 +292,7 @@ async def test_call_fails_over_from_an_engine_whose_handshake_never_comes(engine
     (slow,) = await engines(1, handshake_delay=60)
     (live,) = await engines(1)
     pool = pools([slow.url, live.url])
-    processor = PersonaPlexProcessor(PersonaPlexParams(handshake_timeout=0.5), engines=pool)
+    processor = PersonaPlexProcessor(PersonaPlexParams(handshake_timeout_secs=0.5), engines=pool)
     down, up = await asyncio.wait_for(run_test(processor, frames_to_send=paced(1.5), pipeline_params=call_params()), 60)
 
     assert not [f for f in up if isinstance(f, ErrorFrame)], up

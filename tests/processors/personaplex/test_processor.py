@@ -66,7 +66,7 @@ async def test_normal_session_echoes_the_callers_speech(engine):
 
 @pytest.mark.parametrize("engine", [{"handshake_delay": 30.0}], indirect=True)
 async def test_handshake_that_never_comes_fails_the_call(engine):
-    processor = PersonaPlexProcessor(PersonaPlexParams(handshake_timeout=0.5), engine_url=engine.url)
+    processor = PersonaPlexProcessor(PersonaPlexParams(handshake_timeout_secs=0.5), engine_url=engine.url)
     down, up = await run_test(processor, frames_to_send=paced(silence(1.2)), pipeline_params=call_params())
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "handshake" in errors[0].error
