@@ -17,7 +17,7 @@ import soxr
 
 from pipelines.sim.engine.script import ScriptAgent
 from processors.personaplex.ogg_reader import FRAME_SAMPLES, SAMPLE_RATE
-from processors.silero import SileroState, score_now, silero_session  # noqa: F401  (reference.py loads it at start-up)
+from processors.silero import SileroState, score_now
 
 STEP_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08
 TURN_END_SECS = 0.64

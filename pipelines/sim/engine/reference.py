@@ -37,6 +37,7 @@ from processors.personaplex.ogg_reader import (
     OpusPacketError,
     UplinkDecoder,
 )
+from processors.pipecat_adapter import silero_session
 
 HANDSHAKE = b"\x00"
 KIND_AUDIO = 0x01
@@ -199,7 +200,7 @@ class ReferenceEngine:
             clips = {path: load_clip(path) for path in {line.wav or default_script_wav() for line in lines}}
             self._script = [(line.at, clips[line.wav or default_script_wav()], line.text) for line in lines]
         if self.options.mode == "converse":
-            converse.silero_session()  # loaded at start-up, not in the first call's session
+            silero_session()  # loaded at start-up, not in the first call's session
         self._slots: asyncio.Semaphore | None = None
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
