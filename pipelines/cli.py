@@ -300,7 +300,8 @@ def _call_scenario(args, deployment, url: str) -> int:
     """One scenario from pipelines/sim/scenarios/ against a running server, judged as `bench scenarios` does."""
     import uuid
 
-    from pipelines.bench.scenarios import call_scenario, engine_options, target
+    from pipelines.bench.scenario_servers import engine_options, target
+    from pipelines.bench.scenarios import call_scenario
     from pipelines.sim import scenarios
     from processors.audio import read_wav, write_wav
 

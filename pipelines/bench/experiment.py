@@ -1,8 +1,8 @@
 """`python -m pipelines experiment A.yaml B.yaml`: the scenario suite through two deployments, side by side.
 
 Both deployments run the same conversation scenarios (pipelines/sim/scenarios/*.yaml, or `--scenarios DIR`)
-as `bench scenarios` runs them (pipelines/bench/scenarios.py: its servers, callers and checks): each
-deployment has its own server process(es), the calls of both run interleaved, at most
+as `bench scenarios` runs them (pipelines/bench/scenarios.py and its scenario_servers.py, scenario_results.py:
+its servers, callers and checks): each deployment has its own server process(es), the calls of both run interleaved, at most
 `--concurrency` at once, so both see the same machine. Per deployment:
 
 - runs passed: runs whose every expectation held;
@@ -202,7 +202,7 @@ def failures(done: dict) -> list[str]:
 
 
 def render_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
-    from pipelines.bench.conversation import table
+    from pipelines.bench.harness import table
 
     return table(["", f"A: {name_a}", f"B: {name_b}", "B - A"], rows(a, b), first_width=26)
 
@@ -266,7 +266,7 @@ async def run_experiment(config_a: str, config_b: str, suite: list, repeat: int 
 def to_json(done: dict, names: tuple[str, str], suite: list, repeat: int, argv: list[str]) -> dict:
     from dataclasses import asdict
 
-    from pipelines.bench.conversation import machine_lines
+    from pipelines.bench.harness import machine_lines
 
     def run_dict(r) -> dict:
         d = {k: v for k, v in asdict(r).items() if k != "checks"}
@@ -290,9 +290,8 @@ def experiment(args) -> int:
     """`python -m pipelines experiment A.yaml B.yaml`: the table, the JSON and the PNG; exit 0, 1 or 2."""
     from loguru import logger
 
-    from pipelines.bench.conversation import machine_lines
-    from pipelines.bench.harness import command_argv, guarded
-    from pipelines.bench.scenarios import target
+    from pipelines.bench.harness import command_argv, guarded, machine_lines
+    from pipelines.bench.scenario_servers import target
     from pipelines.extras import require
 
     require("matplotlib", "report", "the experiment's distribution PNG")  # before minutes of calls, not after

@@ -16,67 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.bench.conversation import (
-    RATE,
-    Server,
-    barge_in_latency,
-    clear_times,
-    engine_command,
-    engine_launched,
-    first_audible,
-    keep_log,
-    media_chunks,
-    our_yaml,
-    playout_gaps,
-)
+from pipelines.bench.received import RATE, pcm_messages
+from pipelines.bench.servers import Server, engine_command, engine_launched, keep_log, our_yaml
 
 UPLINK_MS = {"exotel": 100, "twilio": 20}  # each provider's real caller chunk
 HANDSHAKE = 0.5  # the engines' prompt phase; their script timeline starts after it
 FIXTURE = "interrupt_8k"
 
 
-# ---- pure: what one caller got -------------------------------------------------------------------
-
-
-def pcm_messages(messages: list[tuple[float, dict]], provider: str) -> list[tuple[float, dict]]:
-    """The caller's messages with Twilio's μ-law payloads turned into PCM16, so one analysis reads both."""
-    if provider != "twilio":
-        return messages
-    import audioop
-    import base64
-
-    out = []
-    for t, msg in messages:
-        if msg.get("event") == "media":
-            ulaw = base64.b64decode(msg["media"]["payload"])
-            msg = {**msg, "media": {"payload": base64.b64encode(audioop.ulaw2lin(ulaw, 2)).decode()}}
-        out.append((t, msg))
-    return out
-
-
-def call_figures(messages: list[tuple[float, dict]], onset: float) -> dict:
-    """Underruns, barge-in, stray clears and first audio of one call (times in s on its timeline)."""
-    gaps = playout_gaps(messages, RATE)
-    latency, early = barge_in_latency(messages, onset)
-    clears = len(clear_times(messages))
-    return {
-        "underruns": len(gaps),
-        "underrun_ms": round(sum(g for _, g in gaps) * 1000, 1),
-        "underrun_at_s": [round(t, 2) for t, _ in gaps],
-        "barge_in_ms": None if latency is None else round(latency * 1000, 1),
-        "early_clears": early,
-        "stray_clears": clears - (latency is not None),  # every `clear` but the barge-in's own
-        "first_audio_ms": _ms(first_audible(media_chunks(messages, RATE))),
-    }
+# ---- what one call's row says ----------------------------------------------------------------
 
 
 def is_failed(row: dict) -> bool:
     """A call failed when the caller errored or the bridge did not record it as completed."""
     return bool(row.get("error")) or row.get("outcome") not in ("completed", None)
-
-
-def _ms(secs: float | None) -> float | None:
-    return None if secs is None else round(secs * 1000, 1)
 
 
 # ---- processes -----------------------------------------------------------------------------------
@@ -238,10 +191,3 @@ async def run_call(fleet: Fleet, run: CallRun, audio: np.ndarray, seconds: float
         run.error = f"{type(exc).__name__}: {exc}"
     run.end = time.monotonic()
     return run
-
-
-def audible_secs(messages: list[tuple[float, dict]], after: float) -> float:
-    """Seconds of non-silent audio that arrived after `after` (s on the call's timeline)."""
-    return sum(c.secs for c in media_chunks(messages, RATE) if c.t > after and c.loud)
-
-

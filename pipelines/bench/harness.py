@@ -47,3 +47,31 @@ def write_json(path: str | None, kind: str, result: dict) -> Path:
 
 def int_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def table(header: list[str], rows: list[list], first_width: int = 8) -> str:
+    widths = [max(len(str(v)) for v in col) for col in zip(header, *rows)]
+    widths = [max(first_width, widths[0])] + [max(w, 5) for w in widths[1:]]
+    lines = []
+    for row in [header, *rows]:
+        cells = [f"{row[0]!s:<{widths[0]}}"] + [f"{v!s:>{w}}" for v, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def machine_lines(argv: list[str]) -> list[str]:
+    import os
+    import platform
+    import shlex
+    from importlib.metadata import version
+
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    return [
+        f"machine: {os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, pipecat-ai {version('pipecat-ai')}",
+        f"command: python -m pipelines {shlex.join(argv)}",
+    ]

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.bench.conversation import machine_lines, percentile, settle, table
-from pipelines.bench.fleet import CallRun, call_audio, call_figures, fleet, is_failed, proc_status, read_records, run_call, script_options
-from pipelines.bench.harness import command_argv, guarded, int_text, write_json
+from pipelines.bench.fleet import CallRun, call_audio, fleet, is_failed, proc_status, read_records, run_call, script_options
+from pipelines.bench.harness import command_argv, guarded, int_text, machine_lines, table, write_json
+from pipelines.bench.received import call_figures, percentile
+from pipelines.bench.servers import settle
 from pipelines.config import CONFIG_DIR
 
 SAY = ((0.0, str(CONFIG_DIR / "clips" / "apology.wav")),)  # the model talks from its handshake on

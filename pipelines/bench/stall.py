@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import websockets
 
-from pipelines.bench.conversation import RATE, machine_lines, table
 from pipelines.bench.fleet import CallRun, fleet, run_call, script_options
-from pipelines.bench.harness import command_argv, guarded, write_json
-from pipelines.bench.load import CLIP, gap_figures, speech_gaps
+from pipelines.bench.harness import command_argv, guarded, machine_lines, table, write_json
+from pipelines.bench.load import CLIP
+from pipelines.bench.received import RATE, gap_figures, speech_gaps
 
 SAY = ((0.8, CLIP), (7.0, CLIP))  # bot speech from ~1.3 s to ~13.2 s on the victim's timeline
 CALL_SECS = 15.0

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.bench.scenarios import DEFAULT_CONFIGS, report, run_suite, target, targets
+from pipelines.bench.scenario_results import report, targets
+from pipelines.bench.scenario_servers import target
+from pipelines.bench.scenarios import DEFAULT_CONFIGS, run_suite
 from pipelines.config import CONFIG_DIR
 from pipelines.errors import ConfigError
 from pipelines.sim import scenarios
@@ -337,7 +339,7 @@ def test_the_targets_count_cuts_of_backchannel_scenarios():
     timeline = scenario.render(RATE)
     result = made_up_call(timeline.seconds, [(0.02, clip("greeting"))], clears=(12.5,))
     ctx = Context(scenario, timeline, result, analyze(result, {"greeting": clip("greeting")}), CHUNK, record())
-    from pipelines.bench.scenarios import Run
+    from pipelines.bench.scenario_results import Run
 
     run = Run("user_backchannel", "exotel", "exotel.yaml", 1, "c1", evaluate(ctx), clears=1)
     cuts = next(t for t in targets([run]) if t["target"] == "backchannel cuts")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipelines.bench import experiment
-from pipelines.bench.scenarios import Run, underruns
+from pipelines.bench.scenario_results import Run, underruns
 from pipelines.config import CONFIG_DIR
 from pipelines.sim.caller import CallResult, Received
 from pipelines.sim.scenarios.checks import Check

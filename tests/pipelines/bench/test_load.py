@@ -11,17 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from pipelines.bench.fleet import CallRun, call_figures, deployment, is_failed, pcm_messages, proc_status, read_records
+from pipelines.bench.fleet import CallRun, deployment, is_failed, proc_status, read_records
 from pipelines.bench.launch import ROOT
-from pipelines.bench.load import (
-    all_up_window,
-    call_row,
-    cpu_percent,
-    gap_figures,
-    kill_effects,
-    others_percent,
-    speech_gaps,
-)
+from pipelines.bench.load_figures import all_up_window, call_row, cpu_percent, kill_effects, others_percent
+from pipelines.bench.received import call_figures, gap_figures, pcm_messages, speech_gaps
 from pipelines.bench.soak import rss_slope, warm_waves, wave_row
 from pipelines.errors import ConfigError
 

@@ -1,25 +1,25 @@
-"""The pure analysis helpers of `bench conversation` on synthetic caller message lists; no servers."""
+"""The pure analysis of what a caller received (pipelines/bench/received.py) on synthetic caller message lists, and
+the bench's child-process helpers (servers.py) that need no server."""
 
 import base64
 
 import numpy as np
 import pytest
 
-from pipelines.bench.conversation import (
+from pipelines.bench.received import (
     Chunk,
     barge_in_latency,
-    engine_command,
     first_audible,
     loud_runs,
     media_chunks,
     pacer_onsets,
     percentile,
     playout_gaps,
-    process_cpu_secs,
     speech_span,
     stale_chunks,
     sum_stat,
 )
+from pipelines.bench.servers import engine_command, process_cpu_secs
 
 RATE = 8000
 
