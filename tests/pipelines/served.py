@@ -21,8 +21,35 @@ def scripted_config(tmp_path, name: str, **reference) -> str:
 
 
 def stats(port: int) -> dict:
+    """GET /stats of the server on `port` (blocking: from a coroutine, via asyncio.to_thread)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
         return json.loads(r.read())
+
+
+async def until(condition, timeout: float = 10.0, every: float = 0.05) -> None:
+    """Poll `condition()` until it holds; TimeoutError after `timeout` s rather than a hang."""
+    async def poll():
+        while not condition():
+            await asyncio.sleep(every)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def idle_stats(port: int, timeout: float = 10.0) -> dict:
+    """GET /stats once the server has no call and no connection left (its finished calls are then in
+    `recent_calls`); TimeoutError if it never gets there."""
+    got: dict = {}
+
+    async def poll():
+        while True:
+            got.clear()
+            got.update(await asyncio.to_thread(stats, port))
+            if got["calls_active"] == 0 and got["connections"] == 0:
+                return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(poll(), timeout)
+    return got
 
 
 async def finished_call(port: int) -> dict:

@@ -4,8 +4,6 @@ simulated Exotel caller over loopback with a real speech recording."""
 import asyncio
 import base64
 import json
-import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import websockets
 
 from pipelines.bench.launch import free_port, launched, run_command
 from pipelines.sim.caller import place_call
+from tests.pipelines.served import idle_stats, stats
 from tests.speech import speech
 
 RATE = 8000
@@ -26,21 +25,6 @@ def server():
             yield {"port": port, "url": srv.url(), "proc": srv.proc, "startup": srv.startup}
     except RuntimeError as exc:
         pytest.fail(str(exc))
-
-
-def stats(port) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def settled(port, timeout=5.0) -> dict:
-    """Stats once the server has no call left (or the timeout passes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = await asyncio.to_thread(stats, port)
-        if (s["calls_active"] == 0 and s["connections"] == 0) or time.monotonic() > deadline:
-            return s
-        await asyncio.sleep(0.1)
 
 
 def echo_score(heard: np.ndarray, said: np.ndarray) -> tuple[float, int]:
@@ -73,7 +57,7 @@ async def test_caller_hears_its_own_speech_echoed(server, rate):
     score, at = echo_score(result.heard, said)
     assert score > 0.5, score
     assert 1.0 + 0.8 < at / rate < 1.0 + 2.5  # the echo comes back about a second after it was said
-    after = await settled(server["port"])
+    after = await idle_stats(server["port"])
     assert after["calls_active"] == 0 and after["connections"] == 0
     assert after["tasks"] <= before["tasks"], (before, after)
     assert after["calls"] == [] and after["calls_total"] == before["calls_total"] + 1
@@ -92,7 +76,7 @@ async def test_two_concurrent_calls_each_hear_their_own_audio(server):
         assert score > 0.5
         offsets.append(at)
     assert 0.6 < (offsets[1] - offsets[0]) / RATE < 1.4
-    after = await settled(server["port"])
+    after = await idle_stats(server["port"])
     assert after["calls_active"] == 0
 
 
@@ -124,7 +108,7 @@ async def test_malformed_messages_are_dropped_and_the_call_goes_on(server):
         async for _ in ws:  # the server flushes and hangs up
             pass
     assert received > 0  # the engine kept answering through the garbage
-    after = await settled(port)
+    after = await idle_stats(port)
     assert after["dropped_messages"] - before == len(garbage)
     assert after["calls_active"] == 0
 

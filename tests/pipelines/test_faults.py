@@ -40,7 +40,8 @@ from pipelines.server import CallServer
 from pipelines.sim.caller import CallResult, Exotel, _clock, _listen, _Phone, dial_url
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.audio import read_wav
-from tests.pipelines.served import fetch, metric, rms
+from tests.pipelines.served import fetch, idle_stats, metric, rms, until
+from tests.pipelines.served import stats as server_stats
 from tests.pipelines.test_operations import events_of, names
 from tests.speech import speech
 
@@ -224,36 +225,6 @@ def outcome(events: list[dict]) -> str:
     return events[-1]["outcome"]
 
 
-async def until(condition, timeout: float = HANG, every: float = 0.05):
-    """Poll `condition` until it holds; fail rather than hang."""
-    async def poll():
-        while not condition():
-            await asyncio.sleep(every)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
-async def get_stats(port: int) -> dict:
-    status, body = await asyncio.to_thread(fetch, port, "/stats")
-    assert status == 200
-    return json.loads(body)
-
-
-async def idle_stats(port: int) -> dict:
-    """GET /stats once no call and no connection is left (it must get there)."""
-    got = {}
-
-    async def poll():
-        while True:
-            got.update(await get_stats(port))
-            if got["calls_active"] == 0 and got["connections"] == 0:
-                return
-            await asyncio.sleep(0.1)
-
-    await asyncio.wait_for(poll(), HANG)
-    return got
-
-
 def engine_states(stats: dict) -> dict[str, str]:
     assert all(e["call_id"] is None for e in stats["engines"] if e["state"] != "busy"), stats["engines"]
     return {e["url"]: e["state"] for e in stats["engines"]}
@@ -295,11 +266,11 @@ class Bridge:
 
     async def leased(self, i: int, sid: str):
         """Engine i has been leased to call `sid`."""
-        await until(lambda: self.engine(i).call_id == sid)
+        await until(lambda: self.engine(i).call_id == sid, timeout=HANG)
 
     async def settled(self, states: dict[str, str]) -> dict:
         """No call, connection or task left over; each engine in the state given (idle, or down)."""
-        stats = await idle_stats(self.port)
+        stats = await idle_stats(self.port, HANG)
         assert stats["calls_active"] == 0 and stats["connections"] == 0 and stats["calls"] == []
         assert engine_states(stats) == states
         try:
@@ -449,7 +420,7 @@ async def test_engine_dying_mid_call_apologises_and_leaves_rotation(bridge, engi
             silent = asyncio.create_task(dial(b.url, "silent", Script()))
             await b.leased(1, "silent")
             other = asyncio.create_task(dial(b.url, "other", bystander()))
-            await until(lambda: "engine_ready" in b.live_events("silent"))
+            await until(lambda: "engine_ready" in b.live_events("silent"), timeout=HANG)
             await asyncio.sleep(0.5)  # a little of the conversation, then the engine freezes
             frozen.proc.send_signal(signal.SIGSTOP)
             closes, silent, other = await asyncio.wait_for(asyncio.gather(closes, silent, other), HANG)
@@ -509,7 +480,7 @@ async def test_caller_dropping_during_the_prompt_clip_releases_its_engine_or_its
     holding = asyncio.create_task(dial(b.url, "holding", holding_script))
     await b.leased(1, "holding")
     queued = asyncio.create_task(dial(b.url, "queued", queued_script))
-    await until(lambda: "engine_waiting" in b.live_events("queued"))
+    await until(lambda: "engine_waiting" in b.live_events("queued"), timeout=HANG)
     queued_script.drop_at = 0.0  # first the one in line ...
     queued = await asyncio.wait_for(queued, HANG)
     holding_script.drop_at = 0.0  # ... then the one whose engine is still in its prompt phase
@@ -634,7 +605,7 @@ async def warmed_up(srv, n: int) -> tuple[int, int]:
     then the server's fd and thread counts: the baseline."""
     calls = await asyncio.wait_for(asyncio.gather(*(dial(srv.url(), f"warm-{i}", Script(hang_up_at=1.0)) for i in range(n))), HANG)
     assert all(c.result.close_code == 1000 for c in calls)
-    await idle_stats(srv.port)
+    await idle_stats(srv.port, HANG)
     return process_counts(srv.proc.pid)
 
 
@@ -665,7 +636,7 @@ async def test_fifty_calls_arriving_together_all_hear_audio_and_end_cleanly(tmp_
         base = await warmed_up(srv, 8)
         calls = await asyncio.wait_for(asyncio.gather(*(
             dial(srv.url(), f"burst-{i:02d}", Script(hang_up_at=3.0).say(WORD, 1.5)) for i in range(n))), 3 * HANG)
-        stats = await idle_stats(srv.port)
+        stats = await idle_stats(srv.port, HANG)
         assert stats["calls_active"] == 0 and stats["connections"] == 0
         after = await back_to(srv, base)
         text = (await asyncio.to_thread(fetch, srv.port, "/metrics"))[1]
@@ -703,8 +674,8 @@ async def test_sigkill_of_an_engine_process_ends_its_calls_with_the_apology_and_
         base = await warmed_up(srv, 10)
         scripts = {f"call-{i}": Script() for i in range(10)}
         calls = [asyncio.create_task(dial(srv.url(), sid, s)) for sid, s in scripts.items()]
-        await until(lambda: sum(1 for sid in scripts if "engine_ready" in live_events(srv.records, sid)) == 10)
-        engine_of = {e["call_id"]: int(e["url"].rsplit(":", 1)[1]) for e in (await get_stats(srv.port))["engines"]}
+        await until(lambda: sum(1 for sid in scripts if "engine_ready" in live_events(srv.records, sid)) == 10, timeout=HANG)
+        engine_of = {e["call_id"]: int(e["url"].rsplit(":", 1)[1]) for e in (await asyncio.to_thread(server_stats, srv.port))["engines"]}
         victims = {sid for sid in scripts if engine_of[sid] in killed_ports}
         assert len(victims) == 5
         doomed.proc.send_signal(signal.SIGKILL)
@@ -714,7 +685,7 @@ async def test_sigkill_of_an_engine_process_ends_its_calls_with_the_apology_and_
                 script.say(WORD, script.now() + 1.0)
                 script.hang_up_at = script.now() + 3.5
         calls = {c.sid: c for c in await asyncio.wait_for(asyncio.gather(*calls), HANG)}
-        stats = await idle_stats(srv.port)
+        stats = await idle_stats(srv.port, HANG)
         assert stats["calls_active"] == 0 and stats["connections"] == 0
         after = await back_to(srv, base)
         text = (await asyncio.to_thread(fetch, srv.port, "/metrics"))[1]

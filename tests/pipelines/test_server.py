@@ -13,6 +13,7 @@ from pipelines.server import CallServer
 from pipelines.sim.caller import place_call
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex.pool import EnginePools
+from tests.pipelines.served import until
 
 RATE = 8000
 
@@ -46,12 +47,6 @@ def call_tasks():
     return [t for t in asyncio.all_tasks() if not t.get_name().startswith("engine-probe")]
 
 
-async def idle(server, timeout=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (server.calls or server.connections) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("failure", [{"fail_after_frames": 15}, {"handshake_delay": 60}, {"voices": ["OTHER.pt"]}, "unreachable"])
 async def test_engine_failure_hangs_up_cleanly_and_releases_the_call(deployment, failure):
     engine = None
@@ -71,12 +66,11 @@ async def test_engine_failure_hangs_up_cleanly_and_releases_the_call(deployment,
         assert result.close_code == 1000  # the bot hung up; the caller did not have to
         assert result.sent_seconds < call_seconds - 2  # well before the caller would have hung up
         assert result.violations == []
-        await idle(server)
+        await until(lambda: not (server.calls or server.connections), timeout=5)
         assert server.calls == {} and server.connections == 0
         assert len(call_tasks()) <= baseline
         if engine:
-            await asyncio.sleep(0.2)
-            assert engine.stats.sessions_active == 0
+            await until(lambda: engine.stats.sessions_active == 0, timeout=5)
     finally:
         await server.stop()
         if engine:
@@ -96,11 +90,10 @@ async def test_closed_socket_without_stop_cancels_the_call(deployment):
                 await ws.send(json.dumps({"event": "media", "stream_sid": "S", "media": {"payload": "AAAA" * 800}}))
                 await asyncio.sleep(0.05)
             assert len(server.calls) == 1
-        await idle(server)
+        await until(lambda: not (server.calls or server.connections), timeout=5)
         assert server.calls == {} and server.connections == 0
         assert len(call_tasks()) <= baseline
-        await asyncio.sleep(0.2)
-        assert engine.stats.sessions_active == 0
+        await until(lambda: engine.stats.sessions_active == 0, timeout=5)
     finally:
         await server.stop()
         await engine.stop()
@@ -123,11 +116,10 @@ async def test_a_reader_that_fails_ends_its_call_closes_the_socket_and_frees_the
             await asyncio.sleep(0.5)  # the engine is leased
             await ws.send(json.dumps({"event": "media", "stream_sid": "S", "media": {"payload": "AAAA" * 800}}))
             await asyncio.wait_for(ws.wait_closed(), 5)  # the server closed it; the caller never said stop
-        await idle(server)
+        await until(lambda: not (server.calls or server.connections), timeout=5)
         assert server.calls == {} and server.connections == 0
         assert [c["outcome"] for c in server.recent] == ["error"]
-        await asyncio.sleep(0.2)
-        assert engine.stats.sessions_active == 0
+        await until(lambda: engine.stats.sessions_active == 0, timeout=5)
     finally:
         await server.stop()
         await engine.stop()
@@ -141,7 +133,7 @@ async def test_connection_that_never_starts_is_dropped(deployment, monkeypatch):
             await ws.send(json.dumps({"event": "connected"}))
             await ws.wait_closed()
             assert ws.close_code == 1008
-        await idle(server)
+        await until(lambda: not (server.calls or server.connections), timeout=5)
         assert server.totals["connections_without_start"] == 1
     finally:
         await server.stop()
@@ -169,7 +161,7 @@ async def test_a_call_whose_pipeline_cannot_be_built_is_closed_and_forgotten(dep
         result = await asyncio.wait_for(
             place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(RATE, np.int16), RATE, seconds=5, linger=0.5), 10)
         assert result.close_code == 1000 and result.sent_seconds < 3
-        await idle(server)
+        await until(lambda: not (server.calls or server.connections), timeout=5)
         assert server.calls == {} and server.connections == 0 and server.totals["calls_total"] == 1
     finally:
         await server.stop()
