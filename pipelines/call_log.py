@@ -79,6 +79,10 @@ class _Decision:
 
 
 class CallLog:
+    """One call's events, where they go: each is written to the call's record (when records are on), and
+    the metrics that event feeds are updated with it, all on the call's one clock (`t`, s since start).
+    Not a logger: loguru lines are separate."""
+
     def __init__(self, call, metrics: Metrics | None = None, records_dir: str | None = None, audio: bool = False,
                  clock: Callable[[], float] = time.monotonic, max_bytes: int | None = MAX_CALL_BYTES):
         """`clock`: seconds, monotonic; a test steps its own to check latencies exactly.
