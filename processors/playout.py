@@ -141,11 +141,14 @@ class Playout:
             return []  # the utterance was interrupted; nothing of it is queued
         if self._buf:
             self._cut_padded(now, [context])
-        elif self._chunks:
+            return []
+        if self._buf_opens == context:  # no audio of it was queued: nothing will open it
+            self._arrived.pop(context, None)
+        self._buf_speech, self._buf_opens = False, None  # what comes next is not part of it
+        if self._chunks:
             self._chunks[-1].ends.append(context)
-        else:
-            return self._ended(context, max(now, self._play_end))
-        return []
+            return []
+        return self._ended(context, max(now, self._play_end))
 
     def flush(self, now: float) -> None:
         """The call ends: the incomplete chunk goes out zero-padded."""
