@@ -5,15 +5,14 @@ handshake, and has no keepalive or error message. So this processor opens the se
 engine) with the call's first audio, streams every caller frame once the handshake is in, starts
 one Ogg-Opus writer per session whose first page goes first, and treats a close, an error or an engine that stays silent
 while audio flows as a failure: an ErrorFrame upstream, an EngineFailedFrame downstream (the
-holding messages answer it with an apology), then a graceful end of the call.
+holding messages answer it with an apology), then a graceful end of the call. What the bytes and
+the times mean is the session machine's (protocol.py); this processor moves them and reads the clock.
 """
 
 import asyncio
 import time
 from typing import Literal
 
-import numpy as np
-import sphn
 import websockets
 from loguru import logger
 from pipecat.frames.frames import (
@@ -29,13 +28,12 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.personaplex import wire
 from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
+from processors.personaplex.protocol import MODEL_RATE, Audio, Event, Failed, Phase, SessionMachine, TextPiece
 from processors.personaplex.session import EngineUnreachable, SessionRejected, open_session, tls_context
 from processors.personaplex.uplink import OpusUplinkWriter
 from transports.frames import EngineEventFrame, EngineFailedFrame
 
-MODEL_RATE = 24000
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 
 
@@ -88,21 +86,18 @@ class PersonaPlexProcessor(FrameProcessor):
         self._pool = engines
         self._engine = None  # the pool's engine this call holds
         self._ws = None
-        self._writer: OpusUplinkWriter | None = None
-        self._reader: sphn.OpusStreamReader | None = None
+        self._machine: SessionMachine | None = None  # the session with the current engine
         self._session_task: asyncio.Task | None = None
         self._persona: Persona | None = None  # chosen at the call's start; the session opens with its first audio
         self._watchdog_task: asyncio.Task | None = None
         self._call_id = "unknown"
         self._closing = False
         self._failed = False
-        self._last_sent = 0.0
-        self._last_heard = 0.0
         self.stats = {"persona": "default", "engine": None, "frames_before_handshake": 0, "pages_sent": 0, "pages_received": 0, "text_pieces": 0}
 
     @property
     def ready(self) -> bool:
-        return self._writer is not None
+        return self._machine is not None and self._machine.open
 
     def persona_for(self, custom_parameters: dict[str, str]) -> Persona:
         """The allow-listed persona a call asked for, else the configured default; never free text."""
@@ -140,21 +135,19 @@ class PersonaPlexProcessor(FrameProcessor):
         await super().cleanup()
 
     async def _send_audio(self, frame: InputAudioRawFrame):
-        if self._writer is None or self._ws is None or self._closing:
-            self.stats["frames_before_handshake"] += not self._closing
+        if self._closing:
             return
-        if frame.sample_rate != MODEL_RATE:
-            await self._fail(f"caller audio reaches PersonaPlex at {frame.sample_rate} Hz, not {MODEL_RATE}: put a resample processor before it")
+        machine = self._machine
+        if machine is None or self._ws is None or machine.phase is Phase.HANDSHAKE:
+            self.stats["frames_before_handshake"] += 1
             return
-        pcm = np.frombuffer(frame.audio, dtype=np.int16).astype(np.float32) / 32768.0
-        ogg = self._writer.append_pcm(pcm)
-        self._last_sent = time.monotonic()
-        if ogg:
+        message, events = machine.send_audio(frame.audio, frame.sample_rate, time.monotonic())
+        if message:
             try:
-                await self._ws.send(wire.audio_message(ogg))
-                self.stats["pages_sent"] += 1
+                await self._ws.send(message)
             except websockets.ConnectionClosed as exc:
-                await self._fail(f"engine closed the connection ({exc.rcvd.code if exc.rcvd else 'abnormal, no close frame'})", engine_fault=True)
+                events = machine.closed(exc.rcvd.code if exc.rcvd else None, while_sending=True)
+        await self._handle(events)
 
     async def _run_session(self, persona: Persona):
         try:
@@ -167,18 +160,14 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._fail(str(exc))
             return
         logger.info(f"call {self._call_id}: PersonaPlex session open on {self._engine.url} (voice {persona.voice_prompt})")
-        self._writer = OpusUplinkWriter(MODEL_RATE, complexity=self._params.uplink_complexity,
-                                        application=self._params.uplink_application, bitrate=self._params.uplink_bitrate)
-        self._reader = sphn.OpusStreamReader(MODEL_RATE)
-        self._last_heard = time.monotonic()
         self._watchdog_task = self.create_task(self._watch_silence(), name=f"personaplex-watchdog-{self._call_id}")
         try:
             async for message in self._ws:
-                await self._on_message(message)
+                await self._handle(self._machine.receive(message, time.monotonic()))
         except websockets.ConnectionClosed:
             pass
         if not self._closing:
-            await self._fail(self._describe_close(), engine_fault=True)
+            await self._handle(self._machine.closed(self._ws.close_code))
 
     async def _open(self, persona: Persona):
         """Lease engines until one hand-shakes; one that does not leaves the rotation and the next is tried."""
@@ -192,8 +181,9 @@ class PersonaPlexProcessor(FrameProcessor):
             self.stats["engine"] = url
             await self._event("engine_acquired", url=url, wait_ms=_ms(asked))
             opened = time.monotonic()
+            self._machine = self._new_machine(url)
             try:
-                ws = await open_session(url, persona.voice_prompt, persona.text_prompt, timeout=self._params.handshake_timeout_secs,
+                ws = await open_session(url, persona.voice_prompt, persona.text_prompt, machine=self._machine,
                                         connect_timeout=self._params.connect_timeout,
                                         tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
             except EngineUnreachable as exc:
@@ -208,6 +198,14 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._event("engine_ready", url=url, handshake_ms=_ms(opened))
             return ws
 
+    def _new_machine(self, url: str) -> SessionMachine:
+        def uplink() -> OpusUplinkWriter:
+            return OpusUplinkWriter(MODEL_RATE, complexity=self._params.uplink_complexity,
+                                    application=self._params.uplink_application, bitrate=self._params.uplink_bitrate)
+
+        return SessionMachine(url, handshake_timeout_secs=self._params.handshake_timeout_secs,
+                              silence_timeout_secs=self._params.silence_timeout_secs, uplink=uplink)
+
     async def _engine_failed(self, reason: str):
         engine, self._engine = self._engine, None
         if engine is not None:
@@ -217,39 +215,27 @@ class PersonaPlexProcessor(FrameProcessor):
     async def _event(self, event: str, **data):
         await self.push_frame(EngineEventFrame(event=event, data=data))
 
-    async def _on_message(self, message):
-        if not isinstance(message, bytes):
-            return
-        kind, payload = wire.split(message)
-        if kind == wire.AUDIO:
-            self.stats["pages_received"] += 1
-            self._last_heard = time.monotonic()
-            pcm = self._reader.append_bytes(payload)
-            if len(pcm):
-                audio = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).tobytes()
-                await self.push_frame(SpeechOutputAudioRawFrame(audio=audio, sample_rate=MODEL_RATE, num_channels=1))
-        elif kind == wire.TEXT:
-            piece = wire.text_piece(payload)
-            if piece is not None:
-                self.stats["text_pieces"] += 1
-                text = TTSTextFrame(text=piece, text_type="word")
+    async def _handle(self, events: list[Event]):
+        """The machine's events as frames; its counters into the stats."""
+        for event in events:
+            if isinstance(event, Audio):
+                await self.push_frame(SpeechOutputAudioRawFrame(audio=event.pcm, sample_rate=event.sample_rate, num_channels=1))
+            elif isinstance(event, TextPiece):
+                text = TTSTextFrame(text=event.text, text_type="word")
                 text.includes_inter_frame_spaces = True
                 await self.push_frame(text)
+            elif isinstance(event, Failed):
+                await self._fail(event.reason, engine_fault=event.engine_fault)
+        if self._machine is not None:
+            self.stats.update(self._machine.counters.as_stats())
 
     async def _watch_silence(self):
-        limit = self._params.silence_timeout_secs
-        while not self._closing:
-            await asyncio.sleep(min(0.25, limit / 4))
-            now = time.monotonic()
-            if now - self._last_sent < 0.5 and now - self._last_heard > limit:
-                await self._fail(f"engine sent no audio for {now - self._last_heard:.1f} s while caller audio flowed", engine_fault=True)
-                return
-
-    def _describe_close(self) -> str:
-        rcvd = getattr(self._ws, "close_code", None)
-        if rcvd == 1006:  # websockets' code for a connection lost without a close frame; never sent by a peer
-            rcvd = None
-        return f"engine closed the session (code {rcvd})" if rcvd else "engine connection lost (abnormal close, no close frame)"
+        """The machine's clock: a tick every quarter of the silence timeout (at most 250 ms)."""
+        machine = self._machine
+        while not self._closing and machine.open:
+            await asyncio.sleep(min(0.25, machine.silence_timeout_secs / 4))
+            if not self._closing:
+                await self._handle(machine.tick(time.monotonic()))
 
     async def _fail(self, reason: str, engine_fault: bool = False):
         """Report once, then end the call gracefully so the caller hears whatever is queued."""
@@ -273,7 +259,8 @@ class PersonaPlexProcessor(FrameProcessor):
                 await self.cancel_task(task)
         if self._ws is not None:
             await self._ws.close()
-        self._writer = None  # frees the encoder (and PyAV's two libopus threads) now, not at some later GC
+        if self._machine is not None:
+            self._machine.close()  # frees the encoder (and PyAV's two libopus threads) now, not at some later GC
         if self._engine is not None:
             self._pool.release(self._engine)
             await self._event("engine_released", url=self._engine.url)

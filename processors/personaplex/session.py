@@ -1,4 +1,4 @@
-"""Opening a PersonaPlex session: connect, then wait for the 0x00 handshake.
+"""Opening a PersonaPlex session: connect, then feed the machine (protocol.py) until its handshake.
 
 The processor opens one per call, and the engine pool opens one to probe an engine out of
 rotation. The two ways this can fail mean different things. An engine that cannot be reached, or
@@ -14,6 +14,7 @@ import time
 import websockets
 
 from processors.personaplex import wire
+from processors.personaplex.protocol import Failed, HandshakeDone, Outcome, SessionMachine
 
 
 class EngineUnreachable(Exception):
@@ -35,34 +36,46 @@ def tls_context(url: str, verify: bool = False, ca_file: str | None = None) -> s
     return ctx
 
 
-async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, timeout: float,
-                       connect_timeout: float = 5.0, tls: ssl.SSLContext | None = None):
-    """A connection past its handshake, ready for audio; `timeout` bounds connect plus handshake."""
-    deadline = time.monotonic() + timeout
+async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, timeout: float | None = None,
+                       connect_timeout: float = 5.0, tls: ssl.SSLContext | None = None,
+                       machine: SessionMachine | None = None):
+    """A connection past its handshake, ready for audio. `machine` (the processor's, which goes on to
+    stream the call through it) or `timeout` (a bare one, for a probe) bounds connect plus handshake."""
+    if machine is None:
+        if timeout is None:
+            raise TypeError("open_session needs a timeout or a machine")
+        machine = SessionMachine(base_url, handshake_timeout_secs=timeout)
+    machine.connecting(time.monotonic())
     url = wire.chat_url(base_url, voice_prompt, text_prompt)
     try:
         ws = await websockets.connect(
             url, ssl=tls if tls is not None else tls_context(base_url),
-            open_timeout=min(connect_timeout, timeout), close_timeout=1.0, ping_interval=None, compression=None, max_size=None,
+            open_timeout=min(connect_timeout, machine.handshake_timeout_secs), close_timeout=1.0, ping_interval=None,
+            compression=None, max_size=None,
         )
     except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
         what = "connecting timed out" if isinstance(exc, asyncio.TimeoutError) else f"cannot connect: {exc}"
         raise EngineUnreachable(f"{base_url}: {what}") from None
     try:
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError()
-            message = await asyncio.wait_for(ws.recv(), remaining)
-            if isinstance(message, bytes) and wire.split(message)[0] == wire.HANDSHAKE:
-                return ws
+            events = machine.tick(time.monotonic())
+            if not events:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), max(0.0, machine.time_left(time.monotonic())))
+                except TimeoutError:
+                    continue  # the tick says whether the deadline has really passed
+                except websockets.ConnectionClosed:
+                    events = machine.closed(ws.close_code)
+                else:
+                    events = machine.receive(message, time.monotonic())
+            for event in events:
+                if isinstance(event, HandshakeDone):
+                    return ws
+                if isinstance(event, Failed):
+                    if event.outcome is Outcome.PROMPTS_REFUSED:
+                        raise SessionRejected(event.reason)
+                    await ws.close()
+                    raise EngineUnreachable(event.reason)
     except asyncio.CancelledError:
         await ws.close()  # the call went away while the engine was still in its prompt phase
         raise
-    except TimeoutError:
-        await ws.close()
-        raise EngineUnreachable(f"{base_url}: no handshake within {timeout:g} s") from None
-    except websockets.ConnectionClosed:
-        code = ws.close_code
-        how = f"code {code}" if code else "abnormal close, no close frame"
-        raise SessionRejected(f"{base_url} closed the connection before its handshake ({how}); check voice_prompt/text_prompt") from None
