@@ -65,6 +65,7 @@ from loguru import logger
 from pipelines.metrics import Metrics
 from pipelines.records import MAX_CALL_BYTES, CallRecord, record_dir
 from transports.base import LOG_EVERY, LOG_FIRST
+from transports.frames import EngineEvent, EngineEventFrame
 
 
 @dataclass
@@ -279,17 +280,18 @@ class CallLog:
         else:
             self._flush_text()
 
-    def engine(self, event: str, data: dict) -> None:
-        if event == "no_engine":
+    def engine(self, frame: EngineEventFrame) -> None:
+        event = frame.event
+        if event is EngineEvent.NO_ENGINE:
             self.outcome = self.outcome or "no_engine"
         if self._metrics:
-            if event == "engine_ready":
-                self._metrics.handshake.observe(data.get("handshake_ms", 0) / 1000)
-            elif event == "engine_acquired":
-                self._metrics.engine_wait.observe(data.get("wait_ms", 0) / 1000)
-            elif event == "engine_failed":
+            if event is EngineEvent.READY:
+                self._metrics.handshake.observe((frame.handshake_ms or 0) / 1000)
+            elif event is EngineEvent.ACQUIRED:
+                self._metrics.engine_wait.observe((frame.wait_ms or 0) / 1000)
+            elif event is EngineEvent.FAILED:
                 self._metrics.engine_failures.inc()
-        self.emit(event, **data)
+        self.emit(event.value, **frame.details())
 
     def apology(self, reason: str) -> None:
         self.outcome = self.outcome or ("drained" if reason == DRAIN_REASON else "engine_failed")

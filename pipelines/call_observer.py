@@ -83,7 +83,7 @@ class CallObserver(BaseObserver):
         elif isinstance(frame, TTSTextFrame):
             log.text(frame.text if frame.includes_inter_frame_spaces else f" {frame.text}")
         elif isinstance(frame, EngineEventFrame):
-            log.engine(frame.event, frame.data)
+            log.engine(frame)
         elif isinstance(frame, EngineFailedFrame):
             log.apology(frame.reason)
 

@@ -9,6 +9,7 @@ stock processors that understand TTS segments understand ours too.
 """
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pipecat.frames.frames import ControlFrame, DataFrame, OutputAudioRawFrame, SystemFrame, UninterruptibleFrame
 
@@ -167,13 +168,32 @@ class EngineFailedFrame(ControlFrame, UninterruptibleFrame):
     reason: str = ""
 
 
+class EngineEvent(StrEnum):
+    """What happened between a call and its engine; the value is the call record's event name."""
+
+    NO_ENGINE = "no_engine"
+    WAITING = "engine_waiting"
+    ACQUIRED = "engine_acquired"
+    READY = "engine_ready"
+    FAILED = "engine_failed"
+    RELEASED = "engine_released"
+
+
 @dataclass
 class EngineEventFrame(SystemFrame):
-    """Something happened between the call and its engine (acquired, ready, failed, released).
+    """Something happened between the call and its engine, with what is known about it.
 
     For the call record and metrics; processors pass it on untouched. A SystemFrame, so a
     barge-in never drops it.
     """
 
-    event: str = ""
-    data: dict = field(default_factory=dict)
+    event: EngineEvent = EngineEvent.RELEASED
+    url: str | None = None
+    reason: str | None = None
+    wait_ms: int | None = None  # ACQUIRED: how long the call waited for a free engine
+    handshake_ms: int | None = None  # READY: connect plus the prompt phase
+    busy: int | None = None  # WAITING: engines serving other calls
+
+    def details(self) -> dict:
+        """The fields that were given, as the call record's event carries them."""
+        return {k: v for k in ("url", "reason", "wait_ms", "handshake_ms", "busy") if (v := getattr(self, k)) is not None}

@@ -32,7 +32,7 @@ from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
 from processors.personaplex.protocol import MODEL_RATE, Audio, Event, Failed, Phase, SessionMachine, TextPiece
 from processors.personaplex.session import EngineUnreachable, SessionRejected, open_session, tls_context
 from processors.personaplex.uplink import OpusUplinkWriter
-from transports.frames import EngineEventFrame, EngineFailedFrame
+from transports.frames import EngineEvent, EngineEventFrame, EngineFailedFrame
 
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 
@@ -153,7 +153,7 @@ class PersonaPlexProcessor(FrameProcessor):
         try:
             self._ws = await self._open(persona)
         except NoEngine as exc:
-            await self._event("no_engine", reason=str(exc))
+            await self._event(EngineEvent.NO_ENGINE, reason=str(exc))
             await self._fail(str(exc))
             return
         except SessionRejected as exc:
@@ -175,11 +175,11 @@ class PersonaPlexProcessor(FrameProcessor):
         while True:
             asked = time.monotonic()
             if self._pool.count(State.IDLE) == 0 and self._pool.available:
-                await self._event("engine_waiting", busy=self._pool.count(State.BUSY))
+                await self._event(EngineEvent.WAITING, busy=self._pool.count(State.BUSY))
             self._engine = await self._pool.acquire(self._call_id, max(0.0, deadline - time.monotonic()))
             url = self._engine.url
             self.stats["engine"] = url
-            await self._event("engine_acquired", url=url, wait_ms=_ms(asked))
+            await self._event(EngineEvent.ACQUIRED, url=url, wait_ms=_ms(asked))
             opened = time.monotonic()
             self._machine = self._new_machine(url)
             try:
@@ -193,9 +193,9 @@ class PersonaPlexProcessor(FrameProcessor):
             except SessionRejected:
                 self._pool.release(self._engine)
                 self._engine = None
-                await self._event("engine_released", url=url)
+                await self._event(EngineEvent.RELEASED, url=url)
                 raise
-            await self._event("engine_ready", url=url, handshake_ms=_ms(opened))
+            await self._event(EngineEvent.READY, url=url, handshake_ms=_ms(opened))
             return ws
 
     def _new_machine(self, url: str) -> SessionMachine:
@@ -210,10 +210,10 @@ class PersonaPlexProcessor(FrameProcessor):
         engine, self._engine = self._engine, None
         if engine is not None:
             self._pool.failed(engine, reason)
-            await self._event("engine_failed", url=engine.url, reason=reason)
+            await self._event(EngineEvent.FAILED, url=engine.url, reason=reason)
 
-    async def _event(self, event: str, **data):
-        await self.push_frame(EngineEventFrame(event=event, data=data))
+    async def _event(self, event: EngineEvent, **details):
+        await self.push_frame(EngineEventFrame(event=event, **details))
 
     async def _handle(self, events: list[Event]):
         """The machine's events as frames; its counters into the stats."""
@@ -263,7 +263,7 @@ class PersonaPlexProcessor(FrameProcessor):
             self._machine.close()  # frees the encoder (and PyAV's two libopus threads) now, not at some later GC
         if self._engine is not None:
             self._pool.release(self._engine)
-            await self._event("engine_released", url=self._engine.url)
+            await self._event(EngineEvent.RELEASED, url=self._engine.url)
             self._engine = None
 
 

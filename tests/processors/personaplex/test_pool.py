@@ -77,7 +77,7 @@ def call_params():
 
 
 def lease_events(down):
-    return [(f.event, f.data.get("url")) for f in down if isinstance(f, EngineEventFrame) and f.event in LEASE_EVENTS]
+    return [(f.event, f.url) for f in down if isinstance(f, EngineEventFrame) and f.event in LEASE_EVENTS]
 
 
 async def until(condition, timeout=HANG):
