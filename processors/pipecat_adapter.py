@@ -47,6 +47,11 @@ def silero_model_path() -> str:
     return str(resources.files(package).joinpath(name))
 
 
+def silero_loaded() -> bool:
+    """Whether the session is loaded already (then an analyzer costs microseconds, no worker thread)."""
+    return _session is not None
+
+
 def silero_session() -> onnxruntime.InferenceSession:
     """The process's Silero session, loaded on first use (pipecat's model file and options)."""
     global _session

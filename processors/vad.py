@@ -27,7 +27,7 @@ from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pydantic import BaseModel, ConfigDict, Field
 
-from processors.pipecat_adapter import LateAnalyzerVADProcessor
+from processors.pipecat_adapter import LateAnalyzerVADProcessor, silero_loaded
 from processors.silero import RATES as SILERO_RATES
 from processors.silero import BatchedSileroAnalyzer, silero_session
 from transports.frames import CallerVoiceFrame
@@ -77,7 +77,10 @@ class VADProcessor(LateAnalyzerVADProcessor):
         self._loading = self.create_task(self._load(controller_setup), name="vad-load")
 
     async def _load(self, setup: FrameProcessorSetup):
-        analyzer = await asyncio.to_thread(BatchedSileroAnalyzer, params=self._params.pipecat())
+        params = self._params.pipecat()
+        # Loaded at plan time (prepare), the analyzer is built here; only a bare processor (unit tests)
+        # loads the session, in a worker thread. 50 calls starting at once then take no 50 thread hand-offs.
+        analyzer = BatchedSileroAnalyzer(params=params) if silero_loaded() else await asyncio.to_thread(BatchedSileroAnalyzer, params=params)
         await self.attach_analyzer(analyzer, setup)
         self._analyzer = analyzer
         if self._started:
