@@ -130,7 +130,10 @@ async def test_the_call_does_not_wait_for_silero_audio_passes_while_it_loads():
     assert [f for f in down if isinstance(f, InputAudioRawFrame)] == frames  # all of it, in order, none held
 
 
-async def test_analyzer_is_built_off_the_event_loop(monkeypatch):
+@pytest.mark.parametrize("loaded", [False, True])
+async def test_analyzer_is_built_off_the_event_loop_until_the_session_is_loaded(monkeypatch, loaded):
+    """A bare processor's first call loads Silero (~40 ms) in a worker thread; once the builder has
+    loaded it (prepare), the analyzer costs microseconds and is built in place."""
     built_on = []
 
     def recording(*args, **kwargs):
@@ -138,9 +141,10 @@ async def test_analyzer_is_built_off_the_event_loop(monkeypatch):
         return SileroVADAnalyzer(*args, **kwargs)
 
     monkeypatch.setattr(vad, "BatchedSileroAnalyzer", recording)
+    monkeypatch.setattr(vad, "silero_loaded", lambda: loaded)
     pcm, rate = fixture_wav("interrupt_8k")
     down, _ = await feed(VADProcessor(VADParams(start_secs=0.2)), with_silence(pcm, rate), rate)
-    assert built_on and threading.get_ident() not in built_on
+    assert built_on and (threading.get_ident() in built_on) is loaded
     started = next(f for f in down if isinstance(f, VADUserStartedSpeakingFrame))
     assert started.start_secs == 0.2  # the params reached the analyzer
 
