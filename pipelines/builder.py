@@ -201,7 +201,7 @@ def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: Fr
     params = PipelineParams(
         audio_in_sample_rate=call.sample_rate,
         audio_out_sample_rate=call.sample_rate,
-        start_metadata={"call": call.as_metadata()},
+        start_metadata=call.start_metadata(),
     )
     return PipelineWorker(
         Pipeline([*processors, output]),

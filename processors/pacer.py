@@ -38,7 +38,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, F
 from pydantic import BaseModel, ConfigDict, Field
 
 from processors.playout import GAP_TOLERANCE, Action, Mark, Playout, Send, new_stats
-from transports.frames import FadeOutFrame, MarkFrame, MarkPlayedFrame, PacedAudioFrame
+from transports.frames import FadeOutFrame, MarkFrame, MarkPlayedFrame, PacedAudioFrame, call_of
 
 __all__ = ["DEFAULT_CHUNK_MS", "GAP_TOLERANCE", "PacerParams", "PacerProcessor"]
 
@@ -116,13 +116,13 @@ class PacerProcessor(FrameProcessor):
             await self.push_frame(frame, direction)
 
     def _start(self, frame: StartFrame):
-        call = frame.metadata.get("call", {})
-        samples = self._rate * self._params.chunk_ms // 1000 if self._params.chunk_ms else call.get("chunk_samples") or 0
+        call = call_of(frame)
+        samples = self._rate * self._params.chunk_ms // 1000 if self._params.chunk_ms else (call.chunk_samples if call else 0)
         p = self._params
         self._playout = Playout(self._rate, samples or self._rate * DEFAULT_CHUNK_MS // 1000, lead_secs=p.lead_secs,
                                 jitter_secs=p.jitter_secs, marks=p.marks, mark_timeout_secs=p.mark_timeout_secs,
                                 stats=self.stats)
-        self._call_id = call.get("call_id", "?")
+        self._call_id = call.call_id if call else "?"
         self._task = self.create_task(self._send_loop(), name=f"pacer-{self._call_id}")
 
     async def _stop(self):

@@ -11,7 +11,7 @@ stock processors that understand TTS segments understand ours too.
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pipecat.frames.frames import ControlFrame, DataFrame, OutputAudioRawFrame, SystemFrame, UninterruptibleFrame
+from pipecat.frames.frames import ControlFrame, DataFrame, OutputAudioRawFrame, StartFrame, SystemFrame, UninterruptibleFrame
 
 
 @dataclass(frozen=True)
@@ -29,20 +29,19 @@ class CallInfo:
     custom_parameters: dict[str, str] = field(default_factory=dict)
     chunk_samples: int = 0  # samples per outbound media message the provider wants; 0: any size
 
-    def as_metadata(self) -> dict:
-        """Plain dict carried in StartFrame.metadata["call"] to every processor."""
-        return {
-            "provider": self.provider,
-            "stream_id": self.stream_id,
-            "call_id": self.call_id,
-            "sample_rate": self.sample_rate,
-            "encoding": self.encoding,
-            "account_id": self.account_id,
-            "from_number": self.from_number,
-            "to_number": self.to_number,
-            "custom_parameters": dict(self.custom_parameters),
-            "chunk_samples": self.chunk_samples,
-        }
+    def start_metadata(self) -> dict:
+        """StartFrame.metadata for the call's pipeline: every processor reads it with `call_of`."""
+        return {CALL_KEY: self}
+
+
+CALL_KEY = "call"
+
+
+def call_of(frame: StartFrame) -> CallInfo | None:
+    """The call a pipeline serves, from its StartFrame; None where no call started it (a unit test,
+    another framework's pipeline): processors then use their defaults."""
+    call = frame.metadata.get(CALL_KEY)
+    return call if isinstance(call, CallInfo) else None
 
 
 @dataclass

@@ -32,7 +32,7 @@ from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
 from processors.personaplex.protocol import MODEL_RATE, Audio, Event, Failed, Phase, SessionMachine, TextPiece
 from processors.personaplex.session import EngineUnreachable, SessionRejected, open_session, tls_context
 from processors.personaplex.uplink import OpusUplinkWriter
-from transports.frames import EngineEvent, EngineEventFrame, EngineFailedFrame
+from transports.frames import EngineEvent, EngineEventFrame, EngineFailedFrame, call_of
 
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 
@@ -123,9 +123,9 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._send_audio(frame)
             return
         if isinstance(frame, StartFrame):
-            call = frame.metadata.get("call", {})
-            self._call_id = call.get("call_id") or self._call_id
-            self._persona = self.persona_for(call.get("custom_parameters") or {})
+            call = call_of(frame)
+            self._call_id = call.call_id if call else self._call_id
+            self._persona = self.persona_for(call.custom_parameters if call else {})
         elif isinstance(frame, (EndFrame, CancelFrame)):
             await self._close()
         await self.push_frame(frame, direction)

@@ -29,7 +29,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from processors.pacer import PacerParams, PacerProcessor
 from tests.speech import speech
-from transports.frames import MarkFrame, MarkPlayedFrame, PacedAudioFrame
+from transports.frames import CallInfo, MarkFrame, MarkPlayedFrame, PacedAudioFrame
 
 RATE = 8000
 CHUNK = 1600  # Exotel at 8 kHz: 3200 B = 200 ms
@@ -50,7 +50,7 @@ class Clock(FrameProcessor):
 
 def params(chunk_samples: int = CHUNK) -> PipelineParams:
     return PipelineParams(audio_in_sample_rate=RATE, audio_out_sample_rate=RATE,
-                          start_metadata={"call": {"call_id": "T", "chunk_samples": chunk_samples}})
+                          start_metadata=CallInfo("test", "T", "T", RATE, chunk_samples=chunk_samples).start_metadata())
 
 
 def audio(pcm: np.ndarray, cls=OutputAudioRawFrame, ms: int = 80) -> list[Frame]:

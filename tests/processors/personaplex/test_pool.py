@@ -18,7 +18,7 @@ from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex.pool import EnginePool, EnginePools, NoEngine, PoolParams, State
 from processors.personaplex.processor import PersonaPlexParams, PersonaPlexProcessor
 from processors.personaplex.session import EngineUnreachable, open_session
-from transports.frames import EngineEventFrame
+from transports.frames import CallInfo, EngineEventFrame
 
 RATE = 24000
 FRAME = RATE // 50  # 20 ms
@@ -73,7 +73,7 @@ def paced(seconds):
 
 def call_params():
     return PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000,
-                          start_metadata={"call": {"call_id": "pool-call", "custom_parameters": {}}})
+                          start_metadata=CallInfo("test", "pool-call", "pool-call", 8000).start_metadata())
 
 
 def lease_events(down):

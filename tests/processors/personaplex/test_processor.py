@@ -10,6 +10,7 @@ from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from processors.personaplex import wire
 from processors.personaplex.processor import Persona, PersonaPlexParams, PersonaPlexProcessor
 from tests.speech import speech
+from transports.frames import CallInfo
 
 RATE = 24000
 FRAME = RATE // 50  # 20 ms
@@ -34,7 +35,7 @@ def paced(pcm: np.ndarray):
 
 def call_params(**custom):
     return PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000,
-                          start_metadata={"call": {"call_id": "test-call", "custom_parameters": custom}})
+                          start_metadata=CallInfo("test", "test-call", "test-call", 8000, custom_parameters=custom).start_metadata())
 
 
 def silence(seconds):
