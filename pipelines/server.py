@@ -39,6 +39,7 @@ from pipelines.metrics import Metrics
 from pipelines.records import Retention
 from processors.personaplex.pool import EnginePools
 from transports.base import HttpRequest
+from transports.call_input import read_call
 from transports.call_output import CallOutput
 from transports.frames import CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame
 from transports.socket import CallSocket
@@ -367,35 +368,30 @@ class CallServer:
 
     async def _read_messages(self, socket: CallSocket, protocol, call: ActiveCall) -> bool:
         """True once the provider's `stop` was queued; False when the socket closed first; TimeoutError
-        when no media came for media_timeout_secs (providers stream silence, so that is a dead caller)."""
-        wait = self.timeouts.media_timeout_secs
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(wait) as media_deadline:
-            return await self._feed(socket, protocol, call, lambda: media_deadline.reschedule(loop.time() + wait))
+        when no media came for media_timeout_secs (transports/call_input.py)."""
+        return await read_call(socket, protocol, self.timeouts.media_timeout_secs, lambda frame: self._on_frame(call, protocol, frame))
 
-    async def _feed(self, socket: CallSocket, protocol, call: ActiveCall, on_media) -> bool:
+    async def _on_frame(self, call: ActiveCall, protocol, frame) -> bool:
+        """One provider frame: into the record and the pipeline; True at the provider's `stop`."""
         worker, log = call.worker, call.log
-        async for message in socket.messages():
-            for frame in protocol.receive(message, now=asyncio.get_running_loop().time()):
-                if isinstance(frame, InputAudioRawFrame):
-                    on_media()
-                    log.caller_audio(frame.audio)
-                elif isinstance(frame, CallStoppedFrame):
-                    logger.info(f"call {protocol.call_id}: provider stop ({frame.reason or 'no reason'})")
-                    log.emit("provider_stop", reason=frame.reason)
-                    call.stopped_by_provider = True
-                    if call.socket is not None:
-                        call.socket.stopped()
-                    await worker.queue_frame(EndFrame(reason=f"provider stop: {frame.reason}"))
-                    return True
-                elif isinstance(frame, InputDTMFFrame):
-                    log.emit("dtmf", digit=frame.button.value)
-                elif isinstance(frame, MarkPlayedFrame):
-                    log.emit("mark_played", mark=frame.mark)
-                    # From the end, upstream: it reaches the pacer also while an ending call (the apology) waits behind its EndFrame.
-                    await worker.queue_frame(frame, FrameDirection.UPSTREAM)
-                    continue
-                await worker.queue_frame(frame)
+        if isinstance(frame, InputAudioRawFrame):
+            log.caller_audio(frame.audio)
+        elif isinstance(frame, CallStoppedFrame):
+            logger.info(f"call {protocol.call_id}: provider stop ({frame.reason or 'no reason'})")
+            log.emit("provider_stop", reason=frame.reason)
+            call.stopped_by_provider = True
+            if call.socket is not None:
+                call.socket.stopped()
+            await worker.queue_frame(EndFrame(reason=f"provider stop: {frame.reason}"))
+            return True
+        elif isinstance(frame, InputDTMFFrame):
+            log.emit("dtmf", digit=frame.button.value)
+        elif isinstance(frame, MarkPlayedFrame):
+            log.emit("mark_played", mark=frame.mark)
+            # From the end, upstream: it reaches the pacer also while an ending call (the apology) waits behind its EndFrame.
+            await worker.queue_frame(frame, FrameDirection.UPSTREAM)
+            return False
+        await worker.queue_frame(frame)
         return False
 
     async def _hang_up(self, protocol) -> None:
