@@ -56,7 +56,7 @@ class EngineConfig(PoolParams):
 
     local_engines: int = Field(4, ge=1, description="reference engines started when no URL is set (`run --engines N` overrides)")
     reference: dict[str, Any] = Field(default_factory=dict, description=(
-        "options of the embedded reference engines (EngineOptions: mode, handshake_delay, ...); "
+        "options of the embedded reference engines (EngineOptions: mode, handshake_delay_secs, ...); "
         "checked by `validate` and `run`, which start them"))
 
 

@@ -11,7 +11,7 @@ Pipeline around pipecat's own aggregator. The user half also gives the LLM its s
 instruction, right behind the StartFrame: pipecat 1.14 takes it as a service setting (a system
 message in the context is deprecated), and settings objects cannot be written in YAML either.
 
-A caller turn starts at VAD speech (or a transcript) and ends `user_speech_timeout` after VAD
+A caller turn starts at VAD speech (or a transcript) and ends `user_speech_timeout_secs` after VAD
 stopped, once its transcript is in: pipecat's speech-timeout strategy, not the smart-turn model
 it would otherwise load for every call. Turn starts do not interrupt the bot; `barge_in` does,
 with its guards. The bot's words reach the context as the TTS makes them, ahead of playout, so
@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from processors.errors import ParamsError
 from processors.pipecat_adapter import set_name
 
-USER_HALF_ONLY = ("system_instruction", "user_speech_timeout", "interruptions")
+USER_HALF_ONLY = ("system_instruction", "user_speech_timeout_secs", "interruptions")
 
 
 class LLMContextParams(BaseModel):
@@ -49,7 +49,7 @@ class LLMContextParams(BaseModel):
 
     role: Literal["user", "assistant"] = Field(description="user: before the LLM; assistant: after the TTS")
     system_instruction: str | None = Field(None, min_length=1, description="the LLM's system prompt, set at call start (user half)")
-    user_speech_timeout: float = Field(0.6, ge=0, description="pause after the caller's speech that ends a turn (user half)")
+    user_speech_timeout_secs: float = Field(0.6, ge=0, description="pause after the caller's speech that ends a turn (user half)")
     interruptions: bool = Field(False, description="every turn start also interrupts the bot (pipecat's default); off: barge_in decides")
 
     @model_validator(mode="after")
@@ -118,6 +118,6 @@ def _new_pair(params: LLMContextParams) -> LLMContextAggregatorPair:
     interrupt = params.interruptions
     strategies = UserTurnStrategies(
         start=[VADUserTurnStartStrategy(enable_interruptions=interrupt), TranscriptionUserTurnStartStrategy(enable_interruptions=interrupt)],
-        stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=params.user_speech_timeout)],
+        stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=params.user_speech_timeout_secs)],
     )
     return LLMContextAggregatorPair(LLMContext(), user_params=LLMUserAggregatorParams(user_turn_strategies=strategies))

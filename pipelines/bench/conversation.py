@@ -135,13 +135,13 @@ def plan_servers(args, parts: list[str], clip: str, work, log_dir) -> list[Serve
         return Server(name, run_command(path, port), port, str(log_dir / f"{name}.log"), engine_argv=engine_argv)
 
     if "ours" in args.servers and {"barge-in", "cadence"} & set(parts):
-        servers.append(ours("ours", {"mode": "script", "handshake_delay": HANDSHAKE,
+        servers.append(ours("ours", {"mode": "script", "handshake_delay_secs": HANDSHAKE,
                                      "script": [{"at": SCRIPT_AT, "wav": clip}]}))
     if "stock" in args.servers and {"barge-in", "cadence"} & set(parts):
         port = free_port()
         servers.append(Server("stock", stock_server_command(port, STOCK_SPEAK_AT, clip), port, str(log_dir / "stock.log")))
     if "ours" in args.servers and "handshake" in parts:
-        servers.append(ours("ours-handshake", {"mode": "echo", "handshake_delay": SLOW_HANDSHAKE}))
+        servers.append(ours("ours-handshake", {"mode": "echo", "handshake_delay_secs": SLOW_HANDSHAKE}))
     return servers
 
 

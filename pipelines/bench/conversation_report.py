@@ -214,7 +214,7 @@ def report_first_audio(done: list[Call], args) -> None:
         rows.append(["ours", n, len(calls), len(calls) - len(got), _ms(percentile(got, 50)), _ms(p95),
                      _ms(max(got) if got else None), ok])
     _block(f"First audible audio with a {SLOW_HANDSHAKE:.0f} s engine handshake",
-           [f"Reference engine in echo mode with handshake_delay {SLOW_HANDSHAKE}; `start` sent -> first media with "
+           [f"Reference engine in echo mode with handshake_delay_secs {SLOW_HANDSHAKE}; `start` sent -> first media with "
             f"RMS > {SILENT_RMS:.0f} at the caller (the holding greeting). Stock pipecat has no engine handshake "
             "(its bot is in-process), so there is no stock row."],
            table(["server", "calls", "n", "silent", "p50 ms", "p95 ms", "max ms", f"<= {TARGET_FIRST_AUDIO_MS} ms"], rows))

@@ -73,7 +73,7 @@ def bench_env() -> dict:
 
 def script_options(lines: list[tuple[float, str]]) -> dict:
     """Reference engine options: script mode, our handshake, `(at, wav)` utterances on its step timeline."""
-    return {"mode": "script", "handshake_delay": HANDSHAKE, "script": [{"at": at, "wav": wav} for at, wav in lines]}
+    return {"mode": "script", "handshake_delay_secs": HANDSHAKE, "script": [{"at": at, "wav": wav} for at, wav in lines]}
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ def engine_options(tgt: Target, scenario) -> tuple[dict, str | None]:
     from pipelines.sim.engine.reference import EngineOptions
 
     opts = {**tgt.reference, "mode": "converse", **scenario.model.engine}
-    handshake = float(opts.get("handshake_delay", EngineOptions.model_fields["handshake_delay"].default))
+    handshake = float(opts.get("handshake_delay_secs", EngineOptions.model_fields["handshake_delay_secs"].default))
     script = scenario.engine_script(handshake)
     if script:
         opts["script"] = script

@@ -65,7 +65,7 @@ def engine_command(ports: list[int], options: dict) -> list[str]:
     import sys
 
     argv = [sys.executable, "-m", "pipelines", "engine", "--host", "127.0.0.1", "--port", ",".join(map(str, ports)), "--no-tls",
-            "--mode", options["mode"], "--handshake-delay", str(options["handshake_delay"])]
+            "--mode", options["mode"], "--handshake-delay-secs", str(options["handshake_delay_secs"])]
     for line in options.get("script", []):
         argv += ["--say", f"{line['at']}:{line['wav']}"]
     return argv

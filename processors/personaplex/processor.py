@@ -54,7 +54,7 @@ class PersonaPlexParams(BaseModel):
     persona_parameter: str = Field("persona", description="provider custom parameter naming a persona")
     verify_tls: bool = Field(False, description="PersonaPlex serves self-signed mkcert certificates")
     ca_file: str | None = None
-    connect_timeout: float = Field(5.0, gt=0)
+    connect_timeout_secs: float = Field(5.0, gt=0)
     handshake_timeout_secs: float = Field(20.0, gt=0, description="connect plus handshake; the prompt phase is 2-9 s, plus queueing")
     silence_timeout_secs: float = Field(2.0, gt=0, description="no model audio this long while audio flows = failure")
     # Caller-audio encoder (processors/personaplex/uplink.py); CPU and PESQ per setting: python -m pipelines bench uplink
@@ -184,7 +184,7 @@ class PersonaPlexProcessor(FrameProcessor):
             self._machine = self._new_machine(url)
             try:
                 ws = await open_session(url, persona.voice_prompt, persona.text_prompt, machine=self._machine,
-                                        connect_timeout=self._params.connect_timeout,
+                                        connect_timeout_secs=self._params.connect_timeout_secs,
                                         tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
             except EngineUnreachable as exc:
                 await self._engine_failed(str(exc))

@@ -37,7 +37,7 @@ def tls_context(url: str, verify: bool = False, ca_file: str | None = None) -> s
 
 
 async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, timeout: float | None = None,
-                       connect_timeout: float = 5.0, tls: ssl.SSLContext | None = None,
+                       connect_timeout_secs: float = 5.0, tls: ssl.SSLContext | None = None,
                        machine: SessionMachine | None = None):
     """A connection past its handshake, ready for audio. `machine` (the processor's, which goes on to
     stream the call through it) or `timeout` (a bare one, for a probe) bounds connect plus handshake."""
@@ -50,7 +50,7 @@ async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, ti
     try:
         ws = await websockets.connect(
             url, ssl=tls if tls is not None else tls_context(base_url),
-            open_timeout=min(connect_timeout, machine.handshake_timeout_secs), close_timeout=1.0, ping_interval=None,
+            open_timeout=min(connect_timeout_secs, machine.handshake_timeout_secs), close_timeout=1.0, ping_interval=None,
             compression=None, max_size=None,
         )
     except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:

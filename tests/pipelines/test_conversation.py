@@ -40,7 +40,7 @@ async def test_a_model_that_keeps_talking_is_muted_for_a_bounded_span_and_the_ca
     sentence = read_wav(FIXTURES / "question_16k.wav", 24000)[4800:-4800]  # the fixture's 200 ms pads trimmed
     bot_speech = tmp_path / "bot.wav"
     write_wav(bot_speech, np.tile(sentence, 3), 24000)  # 8.1 s with no pause as long as the hangover
-    config = deployment(tmp_path, mode="script", handshake_delay=0.5, script=[{"at": 0.5, "wav": str(bot_speech), "text": "I would like to check"}])
+    config = deployment(tmp_path, mode="script", handshake_delay_secs=0.5, script=[{"at": 0.5, "wav": str(bot_speech), "text": "I would like to check"}])
     # "Wait, stop, I have a question. Hello, I ...": the first barge-in comes ~0.4 s into it; after its
     # 0.5 s mute the bot is heard again and ~1.8 s of speech are left, so the overlap rule (1.0 s) fires
     # once, and what is left after the second mute (~0.5 s) cannot fire it again, even when a loaded
@@ -69,7 +69,7 @@ async def test_a_model_that_keeps_talking_is_muted_for_a_bounded_span_and_the_ca
 
 
 async def test_a_slow_engine_handshake_is_covered_by_the_greeting_clip(tmp_path):
-    config = deployment(tmp_path, mode="echo", handshake_delay=3.0)
+    config = deployment(tmp_path, mode="echo", handshake_delay_secs=3.0)
     port = free_port()
     with launched(run_command(config, port), port) as server:
         result = await place_call(server.url(), np.zeros(RATE, np.int16), RATE, seconds=4.0, chunk_ms=20)
@@ -83,7 +83,7 @@ async def test_a_slow_engine_handshake_is_covered_by_the_greeting_clip(tmp_path)
 
 
 async def test_an_engine_killed_mid_call_gives_the_apology_and_a_clean_hang_up(tmp_path):
-    config = deployment(tmp_path, mode="echo", handshake_delay=0.5, fail_after_frames=25)  # dies 2 s into the session
+    config = deployment(tmp_path, mode="echo", handshake_delay_secs=0.5, fail_after_frames=25)  # dies 2 s into the session
     port = free_port()
     with launched(run_command(config, port), port) as server:
         result = await place_call(server.url(), np.zeros(RATE, np.int16), RATE, seconds=15.0, chunk_ms=20, linger=2.0)

@@ -129,7 +129,7 @@ async def test_sixty_calls_on_four_engines_queue_hear_the_apology_and_leave_noth
     [bank] = [p.prepared for p in plan.processors if p.entry.name == "holding"]
     hold, sorry = bank.get("hold", RATE), bank.get("sorry", RATE)
 
-    engines = [ReferenceEngine(EngineOptions(handshake_delay=0.1)) for _ in range(ENGINES)]
+    engines = [ReferenceEngine(EngineOptions(handshake_delay_secs=0.1)) for _ in range(ENGINES)]
     urls = [await e.start("127.0.0.1", 0) for e in engines]
     pools = builder.engine_pools(plan, plan.loaded.config.engine.model_copy(update={"urls": urls}))
     server = CallServer(plan, pools, "127.0.0.1", 0)

@@ -287,7 +287,7 @@ async def engines():
     started = []
 
     async def start(**options):
-        engine = ReferenceEngine(EngineOptions(**{"handshake_delay": 0.2, "echo_delay": 1.0, **options}))
+        engine = ReferenceEngine(EngineOptions(**{"handshake_delay_secs": 0.2, "echo_delay_secs": 1.0, **options}))
         await engine.start("127.0.0.1", 0)
         started.append(engine)
         return engine
@@ -391,7 +391,7 @@ async def test_engine_down_at_call_start_apologises_and_a_second_engine_takes_ov
 def engine_process(ports: list[int], *extra: str):
     """`python -m pipelines engine` on these ports (ws://), its output drained so it never blocks."""
     argv = [sys.executable, "-m", "pipelines", "engine", "--port", ",".join(map(str, ports)), "--no-tls",
-            "--handshake-delay", "0.5", *extra]
+            "--handshake-delay-secs", "0.5", *extra]
     with launched(argv, ready="ws://") as proc:
         drain(proc.proc)
         yield proc
@@ -446,7 +446,7 @@ async def test_handshake_that_never_comes_apologises(bridge, engines):
     """The engine accepts the WebSocket and stays in its prompt phase: after handshake_timeout_secs the
     engine leaves rotation, the only other engine is busy, so the call gets the apology."""
     healthy = await engines()
-    mute = await engines(handshake_delay=3600)
+    mute = await engines(handshake_delay_secs=3600)
     b = await bridge([healthy.url, mute.url], wait_secs=0, handshake_timeout_secs=1.5)
     baseline(b)
     other = asyncio.create_task(dial(b.url, "other", bystander()))
@@ -471,7 +471,7 @@ async def test_caller_dropping_during_the_prompt_clip_releases_its_engine_or_its
     is still in its prompt phase (handshake 3 s), one queued for an engine. Both end as caller_gone;
     the slow engine's lease and the queued acquire are given back; a third call is undisturbed."""
     fast = await engines()
-    slow = await engines(handshake_delay=3.0)
+    slow = await engines(handshake_delay_secs=3.0)
     b = await bridge([fast.url, slow.url])
     baseline(b)
     other = asyncio.create_task(dial(b.url, "other", bystander()))

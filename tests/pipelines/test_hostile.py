@@ -33,7 +33,7 @@ processors:
 async def served(tmp_path):
     path = tmp_path / "deploy.yaml"
     path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(tmp_path / "records")))
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    engine = ReferenceEngine(EngineOptions(handshake_delay_secs=0.1))
     url = await engine.start()
     server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(url), "127.0.0.1", 0)
     await server.start()
@@ -187,7 +187,7 @@ async def test_an_unwritable_records_directory_costs_the_record_not_the_call(tmp
     blocker.write_text("a file where the records directory should be")
     path = tmp_path / "deploy.yaml"
     path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(blocker / "records")))
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    engine = ReferenceEngine(EngineOptions(handshake_delay_secs=0.1))
     server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(await engine.start()), "127.0.0.1", 0)
     await server.start()
     lines = []
@@ -214,7 +214,7 @@ async def patient(tmp_path):
     path = tmp_path / "deploy.yaml"
     path.write_text(textwrap.dedent(DEPLOYMENT).replace("RECORDS", str(tmp_path / "records"))
                     .replace("send_timeout_secs: 1.0", "send_timeout_secs: 60.0"))
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    engine = ReferenceEngine(EngineOptions(handshake_delay_secs=0.1))
     server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(await engine.start()), "127.0.0.1", 0)
     await server.start()
     yield server, engine

@@ -47,13 +47,13 @@ def call_tasks():
     return [t for t in asyncio.all_tasks() if not t.get_name().startswith("engine-probe")]
 
 
-@pytest.mark.parametrize("failure", [{"fail_after_frames": 15}, {"handshake_delay": 60}, {"voices": ["OTHER.pt"]}, "unreachable"])
+@pytest.mark.parametrize("failure", [{"fail_after_frames": 15}, {"handshake_delay_secs": 60}, {"voices": ["OTHER.pt"]}, "unreachable"])
 async def test_engine_failure_hangs_up_cleanly_and_releases_the_call(deployment, failure):
     engine = None
     if failure == "unreachable":
         url = "ws://127.0.0.1:9"
     else:
-        engine = ReferenceEngine(EngineOptions(**{"handshake_delay": 0.2, **failure}))
+        engine = ReferenceEngine(EngineOptions(**{"handshake_delay_secs": 0.2, **failure}))
         url = await engine.start()
     server = await serve(deployment, url)
     baseline = len(call_tasks())
@@ -78,7 +78,7 @@ async def test_engine_failure_hangs_up_cleanly_and_releases_the_call(deployment,
 
 
 async def test_closed_socket_without_stop_cancels_the_call(deployment):
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    engine = ReferenceEngine(EngineOptions(handshake_delay_secs=0.1))
     url = await engine.start()
     server = await serve(deployment, url)
     baseline = len(call_tasks())
@@ -106,7 +106,7 @@ async def test_a_reader_that_fails_ends_its_call_closes_the_socket_and_frees_the
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("pipelines.call_log.CallLog.caller_audio", full_disk)
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    engine = ReferenceEngine(EngineOptions(handshake_delay_secs=0.1))
     url = await engine.start()
     server = await serve(deployment, url)
     try:

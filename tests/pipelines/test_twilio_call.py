@@ -38,17 +38,17 @@ async def test_a_signed_twilio_call_hears_its_echo_gets_its_persona_and_marks_ro
     audio = np.concatenate([np.zeros(int(1.5 * RATE), np.int16), said])
     port = free_port()
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN}
-    echo_delay = len(said) / RATE + 0.3  # the echo starts once the caller finished: no barge-in
-    cfg = deployment(tmp_path, mode="echo", handshake_delay=0.3, echo_delay=echo_delay)
+    echo_delay_secs = len(said) / RATE + 0.3  # the echo starts once the caller finished: no barge-in
+    cfg = deployment(tmp_path, mode="echo", handshake_delay_secs=0.3, echo_delay_secs=echo_delay_secs)
     with launched(run_command(cfg, port), port, env=env):
         result = await place_call(f"http://127.0.0.1:{port}/twilio/twiml?persona=sales", audio, RATE, provider="twilio",
-                                  auth_token=TOKEN, seconds=len(audio) / RATE + echo_delay + 1.0)
+                                  auth_token=TOKEN, seconds=len(audio) / RATE + echo_delay_secs + 1.0)
         call = await finished_call(port)
     assert result.violations == []
     assert call["personaplex"]["persona"] == "sales"  # <Parameter name="persona"> from the webhook's query
     assert result.marks_echoed and call["pacer"]["marks_echoed"] >= 1  # (the greeting clip was talked over: one clear)
-    # the echo: the caller's words come back echo_delay later, audible
-    onset = 1.5 + energy_onset(said, RATE) * 0.02 + echo_delay
+    # the echo: the caller's words come back echo_delay_secs later, audible
+    onset = 1.5 + energy_onset(said, RATE) * 0.02 + echo_delay_secs
     assert rms(result.heard[int(onset * RATE):]) > 300
 
 
@@ -56,7 +56,7 @@ async def test_talking_over_the_answer_on_twilio_clears_it_then_silence_until_th
     """The caller asks over the greeting (it is cut: the first `clear`), the conversing reference engine
     answers once the question ends, the caller talks over the answer: a second `clear`, nothing of the
     interrupted answer after it, and the interruption itself is answered once it ends."""
-    cfg = deployment(tmp_path, mode="converse", handshake_delay=0.5)
+    cfg = deployment(tmp_path, mode="converse", handshake_delay_secs=0.5)
     question, _ = fixture_wav("question_8k")
     interrupt, _ = fixture_wav("interrupt_8k")
     ask_at, cut_at = 1.5, 6.2  # the answer runs from ~5.4 s for ~3 s

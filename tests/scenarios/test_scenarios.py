@@ -68,7 +68,7 @@ def test_render_places_speech_pauses_levels_dtmf_and_the_hang_up():
     assert np.array_equal(noise.render(RATE).audio, noise.render(RATE).audio)  # generated, but the same each time
 
     overlap = scenarios.load("model_overlap")
-    [line] = overlap.engine_script(handshake_delay=0.5)
+    [line] = overlap.engine_script(handshake_delay_secs=0.5)
     assert line["at"] == pytest.approx(overlap.render(16000).placed["question"].end - 0.5 - 0.5 - scenarios.ENGINE_LEAD, abs=0.01)
     assert Path(line["wav"]).is_file() and line["text"].startswith("Sure")
 

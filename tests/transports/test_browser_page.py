@@ -199,7 +199,7 @@ async def hang_up(page: Page, server: CallServer) -> dict:
 
 async def test_a_call_from_the_page_plays_the_bot_shows_its_transcript_and_hangs_up(chromium, tmp_path):
     # The caller asks at once (over the greeting); the bot answers 4 s into the engine session.
-    async with call_server(tmp_path, mode="script", handshake_delay=0.5,
+    async with call_server(tmp_path, mode="script", handshake_delay_secs=0.5,
                            script=[{"at": 4.0, "wav": bot_line(tmp_path), "text": LINE}]) as server:
         async with browser(chromium, tmp_path, mic(tmp_path, "question_16k", 0.0)) as page:
             await page.open(f"http://127.0.0.1:{server.port}/?persona=sales")
@@ -244,7 +244,7 @@ async def test_talking_over_the_answer_clears_the_page_and_the_interruption_is_a
     sound = np.concatenate([np.zeros(5 * RATE, np.int16), question, gap, interrupt, np.zeros(8 * RATE, np.int16)])
     mic_wav = tmp_path / "mic.wav"
     write_wav(mic_wav, sound, RATE)
-    async with call_server(tmp_path, mode="converse", handshake_delay=0.5) as server:
+    async with call_server(tmp_path, mode="converse", handshake_delay_secs=0.5) as server:
         async with browser(chromium, tmp_path, mic_wav) as page:
             await page.open(f"http://127.0.0.1:{server.port}/")
             await page.js("document.getElementById('call').click()")

@@ -68,11 +68,11 @@ class EngineOptions(BaseModel, extra="forbid"):
     mode: Literal["converse", "echo", "tone", "script"] = Field(
         "converse",
         description="converse: answers each caller turn after it ends, yields when talked over (a model's "
-        "turn-taking); echo: the caller back after echo_delay, over them; tone: a sine; script: `script` clips",
+        "turn-taking); echo: the caller back after echo_delay_secs, over them; tone: a sine; script: `script` clips",
     )
-    handshake_delay: float = Field(0.5, ge=0)
-    step_delay: float = Field(0.0, ge=0)
-    echo_delay: float = Field(1.0, ge=0)
+    handshake_delay_secs: float = Field(0.5, ge=0)
+    step_delay_secs: float = Field(0.0, ge=0)
+    echo_delay_secs: float = Field(1.0, ge=0)
     tone_hz: float = Field(440.0, gt=0)
     # script mode: `script`, or the one line that script_wav/script_text/script_at describe
     script: list[ScriptLine] = Field(default_factory=list)
@@ -312,7 +312,7 @@ class ReferenceEngine:
     async def _prompt_phase(self, ws: web.WebSocketResponse) -> bool:
         """System-prompt steps: each polls the socket once and discards what it got, as the real one."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.handshake_delay
+        deadline = loop.time() + self.options.handshake_delay_secs
         while await self._is_alive(ws):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -369,8 +369,8 @@ class ReferenceEngine:
         while limit is None or sent < limit:
             frame = await frames.get()
             self.stats.frames_in += 1
-            if self.options.step_delay:
-                await asyncio.sleep(self.options.step_delay)
+            if self.options.step_delay_secs:
+                await asyncio.sleep(self.options.step_delay_secs)
             audio, text = agent.step(frame)
             if text:
                 await ws.send_bytes(bytes([KIND_TEXT]) + text.encode())
@@ -392,7 +392,7 @@ class ReferenceEngine:
                 yield_after_secs=options.yield_after_secs,
             )
         if options.mode == "echo":
-            return EchoAgent(options.echo_delay)
+            return EchoAgent(options.echo_delay_secs)
         if options.mode == "tone":
             return ToneAgent(options.tone_hz)
         return ScriptAgent(self._script)
@@ -468,18 +468,18 @@ def _parser() -> argparse.ArgumentParser:
         help=f"default: script with --say, else {defaults.mode}",
     )
     p.add_argument(
-        "--handshake-delay",
+        "--handshake-delay-secs",
         type=float,
-        default=defaults.handshake_delay,
+        default=defaults.handshake_delay_secs,
         help="seconds of prompt phase before the 0x00 handshake (real server: 2-9 s)",
     )
     p.add_argument(
-        "--step-delay",
+        "--step-delay-secs",
         type=float,
-        default=defaults.step_delay,
+        default=defaults.step_delay_secs,
         help="simulated GPU seconds per 80 ms step; above 0.08 latency grows",
     )
-    p.add_argument("--echo-delay", type=float, default=defaults.echo_delay)
+    p.add_argument("--echo-delay-secs", type=float, default=defaults.echo_delay_secs)
     for name in ("turn_end_secs", "reply_delay_secs", "yield_after_secs"):
         field = EngineOptions.model_fields[name]
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=field.default,
@@ -545,9 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         options = EngineOptions(
-            handshake_delay=args.handshake_delay,
-            step_delay=args.step_delay,
-            echo_delay=args.echo_delay,
+            handshake_delay_secs=args.handshake_delay_secs,
+            step_delay_secs=args.step_delay_secs,
+            echo_delay_secs=args.echo_delay_secs,
             turn_end_secs=args.turn_end_secs,
             reply_delay_secs=args.reply_delay_secs,
             yield_after_secs=args.yield_after_secs,

@@ -29,7 +29,7 @@ Times are seconds on the caller's timeline (0 = the call's `start`/`init` sent),
 WAVs have 100 ms of silence before the speech); `onset_at` places its speech onset instead.
 
 Engine lines (`model_says`) are converted to the engine's own step timeline, which starts when its
-handshake completes (`handshake_delay` after the call starts, 0.5 s by default).
+handshake completes (`handshake_delay_secs` after the call starts, 0.5 s by default).
 
 `load()` validates a file and raises ConfigError naming the file, the line and the key.
 """
@@ -294,14 +294,14 @@ class Scenario:
     def render(self, rate: int) -> Rendered:
         return render(self, rate)
 
-    def engine_script(self, handshake_delay: float, rate: int = 16000) -> list[dict]:
+    def engine_script(self, handshake_delay_secs: float, rate: int = 16000) -> list[dict]:
         """`model_says` as reference-engine script lines (step timeline, absolute WAV paths)."""
         if not self.model.model_says:
             return []
         timeline = self.render(rate)
         lines = []
         for line in self.model.model_says:
-            at = timeline.time(line.at) - handshake_delay - ENGINE_LEAD
+            at = timeline.time(line.at) - handshake_delay_secs - ENGINE_LEAD
             lines.append({"at": round(max(0.0, float(at)), 3), "wav": str(audio_path(line.wav, 16000)), "text": line.text or " "})
         return lines
 

@@ -115,8 +115,8 @@ def test_process_cpu_secs_reads_proc():
 
 
 def test_engine_command_matches_the_yaml_options():
-    argv = engine_command([9000, 9001], {"mode": "script", "handshake_delay": 0.5,
+    argv = engine_command([9000, 9001], {"mode": "script", "handshake_delay_secs": 0.5,
                                          "script": [{"at": 0.8, "wav": "/clips/a.wav"}]})
     assert argv[1:4] == ["-m", "pipelines", "engine"]
     joined = " ".join(argv)
-    assert "--port 9000,9001 --no-tls --mode script --handshake-delay 0.5 --say 0.8:/clips/a.wav" in joined
+    assert "--port 9000,9001 --no-tls --mode script --handshake-delay-secs 0.5 --say 0.8:/clips/a.wav" in joined

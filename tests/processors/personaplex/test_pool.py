@@ -34,7 +34,7 @@ async def engines():
     async def start(n=1, port=0, **options):
         out = []
         for _ in range(n):
-            engine = ReferenceEngine(EngineOptions(**{"handshake_delay": 0.1, "echo_delay": 0.2, **options}))
+            engine = ReferenceEngine(EngineOptions(**{"handshake_delay_secs": 0.1, "echo_delay_secs": 0.2, **options}))
             await engine.start("127.0.0.1", port)
             started.append(engine)
             out.append(engine)
@@ -274,7 +274,7 @@ async def test_call_fails_over_from_a_dead_engine_to_a_live_one(engines, pools):
     dead = f"ws://127.0.0.1:{free_port()}"
     pool = pools([dead, live.url])
     assert pool.engines[0].idle_since <= pool.engines[1].idle_since  # so the dead one is tried first
-    processor = PersonaPlexProcessor(PersonaPlexParams(connect_timeout=2.0), engines=pool)
+    processor = PersonaPlexProcessor(PersonaPlexParams(connect_timeout_secs=2.0), engines=pool)
     down, up = await asyncio.wait_for(run_test(processor, frames_to_send=paced(1.5), pipeline_params=call_params()), 60)
 
     assert not [f for f in up if isinstance(f, ErrorFrame)], up
@@ -289,7 +289,7 @@ async def test_call_fails_over_from_a_dead_engine_to_a_live_one(engines, pools):
 
 
 async def test_call_fails_over_from_an_engine_whose_handshake_never_comes(engines, pools):
-    (slow,) = await engines(1, handshake_delay=60)
+    (slow,) = await engines(1, handshake_delay_secs=60)
     (live,) = await engines(1)
     pool = pools([slow.url, live.url])
     processor = PersonaPlexProcessor(PersonaPlexParams(handshake_timeout_secs=0.5), engines=pool)
@@ -382,7 +382,7 @@ async def test_probe_failures_keep_an_engine_out_until_one_succeeds_and_close_st
 async def test_with_every_engine_down_a_call_fails_at_once(pools):
     dead = [f"ws://127.0.0.1:{p}" for p in free_ports(2)]
     pool = pools(dead, wait_secs=3600)
-    processor = PersonaPlexProcessor(PersonaPlexParams(connect_timeout=2.0), engines=pool)
+    processor = PersonaPlexProcessor(PersonaPlexParams(connect_timeout_secs=2.0), engines=pool)
     down, up = await asyncio.wait_for(run_test(processor, frames_to_send=paced(0.5), pipeline_params=call_params()), 60)
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "no engine in rotation" in errors[0].error, errors

@@ -19,7 +19,7 @@ FRAME = RATE // 50  # 20 ms
 @pytest.fixture
 async def engine(request):
     options = getattr(request, "param", {})
-    engine = ReferenceEngine(EngineOptions(**{"handshake_delay": 0.2, "echo_delay": 0.5, **options}))
+    engine = ReferenceEngine(EngineOptions(**{"handshake_delay_secs": 0.2, "echo_delay_secs": 0.5, **options}))
     await engine.start("127.0.0.1", 0)
     yield engine
     await engine.stop()
@@ -65,7 +65,7 @@ async def test_normal_session_echoes_the_callers_speech(engine):
     assert processor.stats["frames_before_handshake"] > 0 and processor.stats["pages_received"] > 0
 
 
-@pytest.mark.parametrize("engine", [{"handshake_delay": 30.0}], indirect=True)
+@pytest.mark.parametrize("engine", [{"handshake_delay_secs": 30.0}], indirect=True)
 async def test_handshake_that_never_comes_fails_the_call(engine):
     processor = PersonaPlexProcessor(PersonaPlexParams(handshake_timeout_secs=0.5), engine_url=engine.url)
     down, up = await run_test(processor, frames_to_send=paced(silence(1.2)), pipeline_params=call_params())
@@ -94,7 +94,7 @@ async def test_unknown_voice_prompt_fails_before_the_handshake(engine):
 
 
 async def test_unreachable_engine_fails_cleanly():
-    processor = PersonaPlexProcessor(PersonaPlexParams(connect_timeout=1.0), engine_url="ws://127.0.0.1:9")
+    processor = PersonaPlexProcessor(PersonaPlexParams(connect_timeout_secs=1.0), engine_url="ws://127.0.0.1:9")
     down, up = await run_test(processor, frames_to_send=paced(silence(0.3)), pipeline_params=call_params())
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "cannot connect" in errors[0].error
@@ -128,7 +128,7 @@ def test_chat_url_never_carries_a_seed_and_requires_a_text_prompt():
 async def test_wss_engine_with_a_self_signed_certificate():
     from pipelines.sim.engine.reference import self_signed_ssl_context
 
-    engine = ReferenceEngine(EngineOptions(handshake_delay=0.1))
+    engine = ReferenceEngine(EngineOptions(handshake_delay_secs=0.1))
     url = await engine.start("127.0.0.1", 0, ssl_context=self_signed_ssl_context())
     assert url.startswith("wss://")
     try:

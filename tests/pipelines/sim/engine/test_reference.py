@@ -118,7 +118,7 @@ async def make_engine():
     engines: list[ReferenceEngine] = []
 
     async def factory(ssl_context: ssl.SSLContext | None = None, **options) -> ReferenceEngine:
-        options.setdefault("handshake_delay", HANDSHAKE_DELAY)
+        options.setdefault("handshake_delay_secs", HANDSHAKE_DELAY)
         engine = ReferenceEngine(EngineOptions(**options))
         await engine.start(ssl_context=ssl_context)
         engines.append(engine)
@@ -167,7 +167,7 @@ async def expect_normal_close(ws: ClientConnection) -> None:
 
 
 async def test_handshake_comes_after_the_prompt_phase_which_eats_early_messages(make_engine):
-    engine = await make_engine(handshake_delay=0.3)
+    engine = await make_engine(handshake_delay_secs=0.3)
     async with connect(engine.url + CHAT) as ws:
         caller = Caller(ws)
         start = time.monotonic()
@@ -262,7 +262,7 @@ async def test_output_is_clocked_by_input_frames(make_engine):
 
 
 async def test_echo_returns_the_callers_speech_after_echo_delay_with_text(make_engine):
-    engine = await make_engine(mode="echo", echo_delay=0.4)
+    engine = await make_engine(mode="echo", echo_delay_secs=0.4)
     sent = frames_of(silence(0.2), speech_24k(), silence(0.7))
     n = len(sent) // FRAME_SAMPLES
     received, texts = await one_page_per_frame(engine, sent)
@@ -362,7 +362,7 @@ def test_script_agent_mixes_overlapping_lines_to_the_sample_and_queues_their_pie
 
 
 async def test_step_delay_slows_every_step(make_engine):
-    engine = await make_engine(step_delay=0.1)
+    engine = await make_engine(step_delay_secs=0.1)
     caller = await session(engine)
     start = time.monotonic()
     await caller.send_audio(silence(0.32))
@@ -460,7 +460,7 @@ async def test_client_close_releases_the_slot_promptly(make_engine):
 
 
 async def test_closing_during_the_prompt_phase_releases_the_slot(make_engine):
-    engine = await make_engine(handshake_delay=2.0)
+    engine = await make_engine(handshake_delay_secs=2.0)
     ws = await connect(engine.url + CHAT)
     await asyncio.sleep(0.1)
     await ws.close()
@@ -596,7 +596,7 @@ async def cli_engine(*flags: str, port: str = "0"):
             "import sys; from pipelines.sim.engine.reference import main; sys.exit(main(sys.argv[1:]))",
             "--port",
             port,
-            "--handshake-delay",
+            "--handshake-delay-secs",
             "0.1",
             *flags,
         ],
