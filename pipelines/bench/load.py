@@ -25,6 +25,14 @@ Figures (caller's timeline: t=0 when `start` is sent; p95/p99 nearest-rank over 
   engine when its record's engine is one of that process's; it heard the apology when >= 1 s of
   non-silent audio reached it from 0.5 s after the kill (what the pacer had queued is older), and was
   hung up cleanly when the bridge closed it with 1000 before the caller's end.
+
+The bridge alone (`--pin`, `--ramp`; pipelines/bench/ramp.py): `--pin` puts the bridge (or the stock
+server) on the first usable core and the engine processes and the callers on the others, and adds that
+core's busy % and what else ran on it (`core other %`). The engines are cheap by construction: script
+mode plays two preloaded clips (no model, no generation), so per call they only decode the caller's
+Opus and encode the clip's 80 ms pages. `--ramp 10,20,30` runs the load at each call count with a fresh
+fleet and stops after the first step that breaks a target (`--keep-going`: every step), one table row
+and one JSON result for the whole ramp.
 """
 
 import asyncio
@@ -37,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.bench import ramp
 from pipelines.bench.fleet import (
     CallRun,
     call_audio,
@@ -76,7 +85,21 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0, help="seed of the call start times")
     p.add_argument("--json", help="result file (default: bench-results/load-<UTC stamp>.json)")
     p.add_argument("--log-dir", help="keep the processes' logs, the bridge's YAML and records here")
+    p.add_argument("--pin", action="store_true", help="the bridge on the first usable core, the engines (script mode: "
+                   "preloaded clips, no model) and the callers on the others; reports that core's other load")
+    p.add_argument("--ramp", type=_ramp_steps, help="call counts, e.g. 10,20,30: one run per step (fresh fleet), "
+                   f"stopping after the first that breaks a target; {ramp.TARGETS_HELP}")
+    p.add_argument("--keep-going", action="store_true", help="with --ramp: run every step, even after a target broke")
     return p
+
+
+def _ramp_steps(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return ramp.parse_ramp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 
@@ -84,8 +107,8 @@ class Sampler:
     """CPU seconds of the bridge, the engine processes and this one, and the bridge's RSS, every 0.5 s
     (a killed engine keeps its last reading); a progress line every 2 s."""
 
-    def __init__(self, fleet, runs: list[CallRun], t0: float):
-        self.fleet, self.runs, self.t0 = fleet, runs, t0
+    def __init__(self, fleet, runs: list[CallRun], t0: float, core: int | None = None):
+        self.fleet, self.runs, self.t0, self.core = fleet, runs, t0, core
         self.samples: list[dict] = []
         self._engines: dict[int, float] = {}
 
@@ -98,6 +121,8 @@ class Sampler:
              "engines_cpu": sum(self._engines.values()) if self.fleet.pids else None,
              "callers_cpu": process_cpu_secs(os.getpid()), "machine_cpu": machine_cpu_secs(),
              "rss_mb": proc_status(self.fleet.server.pid).get("rss_mb")}
+        if self.core is not None:
+            s["core_cpu"] = ramp.core_cpu_secs(self.core)
         self.samples.append(s)
         return s
 
@@ -118,12 +143,12 @@ class Sampler:
                 f"bridge {int_text(cpu)}% of a core, RSS {int_text(now['rss_mb'])} MB")
 
 
-async def drive(f, args, audio: np.ndarray) -> tuple[list[CallRun], list[dict], float, dict | None]:
+async def drive(f, args, audio: np.ndarray, core: int | None = None) -> tuple[list[CallRun], list[dict], float, dict | None]:
     """Place the calls (and the kill); returns the runs, the samples, t0 and the kill."""
     offsets = np.sort(np.random.default_rng(args.seed).uniform(0, args.arrival_secs, args.calls))
     runs = [CallRun(f"load-{i:03d}") for i in range(args.calls)]
     t0 = time.monotonic()
-    sampler = Sampler(f, runs, t0)
+    sampler = Sampler(f, runs, t0, core)
     sampler.sample()
     ticker = asyncio.create_task(sampler.run())
 
@@ -168,22 +193,75 @@ def _bench_load(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    core = None
+    if args.pin:
+        core, rest = ramp.split_cpus(os.sched_getaffinity(0))
+        ramp.pin(os.getpid(), rest)  # the engines launched from here inherit it
+        print(f"pinned: {'stock server' if args.server == 'stock' else 'bridge'} on CPU {core}, engines and callers on "
+              f"CPUs {','.join(map(str, sorted(rest)))}")
+    if args.ramp:
+        return _ramp(args, machine, argv, core)
+    result = measure(args, machine, argv, core)
+    report(result)
+    print(f"\nwritten: {write_json(args.json, 'load', result)}")
+    return 0
+
+
+def _ramp(args, machine: list[str], argv: list[str], core: int | None) -> int:
+    stock = args.server == "stock"
+    steps, rows, broke_at = [], [], None
+    for calls in args.ramp:
+        print(f"\n--- ramp step: {calls} calls", flush=True)
+        result = measure(argparse_copy(args, calls=calls), machine, argv, core)
+        broke = ramp.broken_targets(result, stock)
+        steps.append(result | {"broke": broke})
+        rows.append(ramp.ramp_row(result, broke))
+        print(table(ramp.HEADER, rows[-1:], first_width=5), flush=True)
+        if broke and broke_at is None:
+            broke_at = calls
+            if not args.keep_going:
+                break
+    server = "stock pipecat" if stock else "the bridge"
+    print(f"\nramp, {server}{', pinned to CPU ' + str(core) if core is not None else ''} ({ramp.TARGETS_HELP}):")
+    print("```")
+    print(table(ramp.HEADER, rows, first_width=5))
+    print("```")
+    print(f"first broken at: {broke_at or 'none'} calls")
+    result = {"bench": "load-ramp", "machine": machine, "argv": argv, "server": args.server, "pinned_core": core,
+              "targets": ramp.TARGETS_HELP, "ramp": args.ramp, "broke_at": broke_at, "header": ramp.HEADER, "rows": rows,
+              "steps": steps}
+    print(f"\nwritten: {write_json(args.json, 'load-ramp', result)}")
+    return 0
+
+
+def argparse_copy(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**(vars(args) | changes))
+
+
+def measure(args, machine: list[str], argv: list[str], core: int | None = None) -> dict:
+    """One load run (`args.calls` calls on a fresh fleet): its result, as written to JSON."""
     audio, onset = call_audio(SPEECH_AT, args.duration)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
-        work = Path(args.log_dir or tmp)
+        work = Path(args.log_dir or tmp) / (f"{args.calls}-calls" if args.ramp else "")
         work.mkdir(parents=True, exist_ok=True)
         stock = args.server == "stock"
         servers = stock_fleet(STOCK_SPEAK_AT, CLIP, work) if stock else fleet(
             args.config, args.calls, args.engines_per_process, script_options(SAY), work)
         with servers as f:
+            if core is not None:
+                ramp.pin(f.server.pid, {core})
+                for pid in f.pids:
+                    ramp.pin(pid, os.sched_getaffinity(0))
             print(f"scenario: {args.calls} {f.provider} calls to {'stock pipecat' if stock else 'the bridge'}, starts over "
                   f"{args.arrival_secs:g} s, {args.duration:g} s each; {len(f.engines)} engine processes; caller speech "
                   f"onset at {onset:.2f} s", flush=True)
-            runs, samples, t0, kill = asyncio.run(drive(f, args, audio))
+            runs, samples, t0, kill = asyncio.run(drive(f, args, audio, core))
             records: dict[str, dict] | None = None if stock else {}
             if records is not None:
                 read_records(f.records, records)
-            setup = {"provider": f.provider, "engine_processes": len(f.engines)}
+            setup = {"provider": f.provider, "engine_processes": len(f.engines), "pinned_core": core}
     rows = [call_row(r, t0, onset, None if records is None else records.get(r.sid, NO_RECORD), args.duration, kill)
             for r in runs]
     gaps = [g for r in runs if r.messages is not None for g in speech_gaps(r.messages)]
@@ -193,9 +271,9 @@ def _bench_load(args) -> int:
               **figures(rows, gaps, samples, args.calls),
               "kill": None if kill is None else {"pid": kill["pid"], "ports": kill["ports"], "at_s": round(kill["t"] - t0, 2), **kill_effects(rows)},
               "per_call": rows, "samples": samples}
-    report(result)
-    print(f"\nwritten: {write_json(args.json, 'load', result)}")
-    return 0
+    if core is not None:
+        result["cpu_pct"] |= ramp.core_figures(samples, result["cpu_pct"]["all_up_window_s"])
+    return result
 
 
 def _check(args) -> str | None:
@@ -203,6 +281,10 @@ def _check(args) -> str | None:
         return "--calls and --engines-per-process must be at least 1"
     if args.duration < SPEECH_AT + 1:
         return f"--duration must be at least {SPEECH_AT + 1:g} s: the caller barges in at {SPEECH_AT:g} s"
+    if args.ramp and args.kill_engine_at is not None:
+        return "--ramp and --kill-engine-at do not go together"
+    if args.keep_going and not args.ramp:
+        return "--keep-going goes with --ramp"
     if args.server == "stock" and args.kill_engine_at is not None:
         return "the stock server has no engines to kill"
     if args.server == "stock" and deployment(args.config)[1] != "exotel":
@@ -222,6 +304,8 @@ def report(r: dict) -> None:
         ["outcomes", ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())],
         ["all-up window s", "-" if window is None else f"{window[0]:.1f}-{window[1]:.1f}"],
         [f"{server} CPU % (per call)", f"{int_text(cpu['bridge'])} ({_num(cpu['bridge_per_call'])})"],
+        *([[f"its core (CPU {r['params']['pinned_core']}): busy / other %", f"{int_text(cpu['core'])} / {int_text(cpu['core_others'])}"]]
+          if "core" in cpu else []),
         ["engines / callers / other CPU %", f"{int_text(cpu['engines'])} / {int_text(cpu['callers'])} / {int_text(cpu['others'])}"],
         [f"whole run: {server} % (per call)", f"{int_text(cpu['bridge_run'])} ({_num(cpu['bridge_run_per_call'])})"],
         ["whole run: engines / callers / other %",
