@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from processors.pipecat_adapter import run_state_machine
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser("vad", help=bench_vad.__doc__, description=bench_vad.__doc__)
@@ -40,7 +42,7 @@ def bench_vad(args) -> int:
         audio = np.concatenate([np.zeros(int(args.silence * rate), np.int16), pcm])
         onset = energy_onset(audio, rate)
         for i in range(0, len(audio) - n + 1, n):
-            if analyzer._run_analyzer(audio[i : i + n].tobytes()) == VADState.SPEAKING:
+            if run_state_machine(analyzer, audio[i : i + n].tobytes()) == VADState.SPEAKING:
                 return (i // n + 1 - onset) * 20.0
         return None
 
@@ -64,7 +66,7 @@ def bench_vad(args) -> int:
         chunks = [pcm[i : i + window].tobytes() for i in range(0, len(pcm) - window + 1, window)]
         t0 = time.perf_counter()
         for i in range(args.windows):
-            analyzer._run_analyzer(chunks[i % len(chunks)])
+            run_state_machine(analyzer, chunks[i % len(chunks)])
         us = (time.perf_counter() - t0) / args.windows * 1e6
         window_ms = window / rate * 1000
         print(f"{rate:>6}{us:>11.0f}{window_ms:>11.0f}{us / 10 / window_ms:>13.2f}")
@@ -89,7 +91,7 @@ def print_voiced(params) -> None:
         analyzer.set_sample_rate(8000)
         window = analyzer.num_frames_required()
         padded = np.concatenate([np.zeros(4000, np.int16), pcm, np.zeros(8000, np.int16)])
-        voiced = [analyzer._run_analyzer(padded[i : i + window].tobytes()) in (VADState.STARTING, VADState.SPEAKING)
+        voiced = [run_state_machine(analyzer, padded[i : i + window].tobytes()) in (VADState.STARTING, VADState.SPEAKING)
                   for i in range(0, len(padded) - window + 1, window)]
         runs = [len(r) for r in "".join("1" if v else "0" for v in voiced).split("0") if r]
         secs = window / 8000
