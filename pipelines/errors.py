@@ -35,10 +35,16 @@ def validation_problem(exc: ValidationError, model: type | None = None) -> tuple
     return tuple(first["loc"]), problem
 
 
+def nearest(key: str, known) -> str | None:
+    """The known name a typo most likely meant, if any is close."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    close = nearest(key, known)
     if close:
-        return f"; did you mean {close[0]!r}?"
+        return f"; did you mean {close!r}?"
     return f"; known keys: {', '.join(known)}" if 0 < len(known) <= 12 else ""
 
 

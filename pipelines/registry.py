@@ -5,7 +5,6 @@ Anything else is reached by dotted import path (`package.module.Class` or `packa
 so any pipecat FrameProcessor can be dropped into a pipeline; its `params:` become keyword arguments.
 """
 
-import difflib
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ from typing import Any
 
 from pipecat.processors.frame_processor import FrameProcessor
 from pydantic import BaseModel
+
+from pipelines.errors import nearest
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ def find_processor(type_name: str) -> ProcessorEntry:
     if type_name in registered:
         return registered[type_name]
     if "." not in type_name:
-        close = difflib.get_close_matches(type_name, registered, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        close = nearest(type_name, registered)
+        hint = f"did you mean {close!r}? " if close else ""
         raise UnknownName(f"unknown processor {type_name!r}; {hint}registered: {', '.join(sorted(registered))}, or a dotted import path")
     module_name, _, attr = type_name.replace(":", ".").rpartition(".")
     try:
@@ -101,7 +102,7 @@ def find_processor(type_name: str) -> ProcessorEntry:
 def find_transport(type_name: str) -> TransportEntry:
     registered = transports()
     if type_name not in registered:
-        close = difflib.get_close_matches(type_name, registered, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        close = nearest(type_name, registered)
+        hint = f"did you mean {close!r}? " if close else ""
         raise UnknownName(f"unknown transport {type_name!r}; {hint}registered: {', '.join(sorted(registered))}")
     return registered[type_name]

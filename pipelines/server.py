@@ -65,7 +65,7 @@ class ActiveCall:
     socket: CallSocket | None = None
 
     def blocked_secs(self) -> float:
-        """How long the server has been waiting to write to this caller (for /stats and tests)."""
+        """How long the server has been waiting to write to this caller (the stalled-caller tests watch it)."""
         return 0.0 if self.socket is None else self.socket.blocked_secs()
 
 

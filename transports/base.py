@@ -297,16 +297,19 @@ MAX_FRAME_SECS = 0.2
 
 def audio_frames(payload: Any, call: CallInfo, where: str = "") -> list[InputAudioRawFrame]:
     """A `media` payload (base64 PCM16LE or μ-law, per the call) as caller audio at the call rate, in
-    frames of at most 200 ms (any real cadence is one frame): the pipeline works one frame at a time, so a legal 6.4 s chunk (Exotel's
-    100 KiB) costs the event loop many short turns instead of one long one."""
-    audio = audio_frame(payload, call, where).audio
+    frames of at most 200 ms: the pipeline works one frame at a time, so a legal 6.4 s chunk (Exotel's
+    100 KiB) costs the event loop many short turns instead of one long one. Any real cadence is one
+    frame, built from the decoded bytes as they are (no copy)."""
+    pcm = _caller_pcm(payload, call, where)
     step = max(2, int(call.sample_rate * MAX_FRAME_SECS) * 2)
-    return [InputAudioRawFrame(audio=audio[i : i + step], sample_rate=call.sample_rate, num_channels=1)
-            for i in range(0, len(audio), step)]
+    if len(pcm) <= step:
+        return [InputAudioRawFrame(audio=pcm, sample_rate=call.sample_rate, num_channels=1)]
+    view = memoryview(pcm)
+    return [InputAudioRawFrame(audio=bytes(view[i : i + step]), sample_rate=call.sample_rate, num_channels=1)
+            for i in range(0, len(pcm), step)]
 
 
-def audio_frame(payload: Any, call: CallInfo, where: str = "") -> InputAudioRawFrame:
-    """A `media` payload (base64 PCM16LE or μ-law, per the call) as caller audio at the call rate."""
+def _caller_pcm(payload: Any, call: CallInfo, where: str) -> bytes:
     if not isinstance(payload, str):
         raise Drop("missing_payload", where)
     try:
@@ -316,10 +319,10 @@ def audio_frame(payload: Any, call: CallInfo, where: str = "") -> InputAudioRawF
     if not raw:
         raise Drop("empty_payload", where)
     if call.encoding == "mulaw":
-        raw = audioop.ulaw2lin(raw, 2)
-    elif len(raw) % 2:
+        return audioop.ulaw2lin(raw, 2)
+    if len(raw) % 2:
         raise Drop("odd_length_pcm", f"{len(raw)} bytes")
-    return InputAudioRawFrame(audio=raw, sample_rate=call.sample_rate, num_channels=1)
+    return raw
 
 
 def dtmf_frame(digit: Any) -> InputDTMFFrame:
