@@ -20,6 +20,7 @@ from pipelines.config import CONFIG_DIR, LoadedConfig
 from pipelines.errors import did_you_mean, model_fields
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from processors.errors import ParamsError
+from processors.pipecat_adapter import observe_inline
 from processors.personaplex.pool import EnginePools, PoolParams
 from transports.frames import CallInfo
 
@@ -196,19 +197,22 @@ def new_call_processors(deployment: DeploymentPlan, engines: EnginePools) -> lis
     return [new_processor(p, engines) for p in deployment.processors]
 
 
-def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: FrameProcessor, observers=None) -> PipelineWorker:
-    """The call's pipeline: configured processors, then the transport's output."""
+def new_call_worker(call: CallInfo, processors: list[FrameProcessor], output: FrameProcessor, observer=None) -> PipelineWorker:
+    """The call's pipeline: configured processors, then the transport's output. `observer`: its
+    `record(FramePushed)` gets the first push of each of its `WATCHED` frame types, inline."""
     params = PipelineParams(
         audio_in_sample_rate=call.sample_rate,
         audio_out_sample_rate=call.sample_rate,
         start_metadata=call.start_metadata(),
     )
-    return PipelineWorker(
+    worker = PipelineWorker(
         Pipeline([*processors, output]),
         params=params,
-        observers=observers,
         enable_rtvi=False,
         enable_turn_tracking=False,
         idle_timeout_secs=None,
         conversation_id=call.call_id,
     )
+    if observer is not None:
+        observe_inline(worker, observer.WATCHED, observer.record)
+    return worker

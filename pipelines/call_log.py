@@ -28,7 +28,8 @@ started. The events, and their fields besides `t`:
                       onset (that moment, call seconds), rule (barge_in's "floor"/"overlap"; null
                       when no BargeInFrame came: an interruption decided elsewhere), speech_ms
                       (caller speech the rule counted), decision_ms (BargeInFrame -> clear: what
-                      the bridge adds after deciding)
+                      the bridge adds after deciding), audio_ms (caller audio received when the
+                      rule was met: the caller's chunk that decided it ends there)
     clear             a `clear` with no barge-in behind it (no decision, caller not talking: drain,
                       engine failure)
     mute_started      bot_speech starts silencing the interrupted model
@@ -76,6 +77,7 @@ class _Decision:
     onset: float
     rule: str
     speech_secs: float
+    audio_secs: float | None
     audible_since: float | None  # the bot audible since, as the decision found it
 
 
@@ -165,7 +167,7 @@ class CallLog:
     def cleared(self) -> None:
         """The provider `clear` went out: a barge-in when one was decided or the caller is talking.
 
-        The decision is normally here first: its push wakes the observer's queue before the
+        The decision is here first: the observer records its push, inline, before the
         InterruptionFrame it precedes has crossed a processor's queue to reach the output.
         """
         now = self.now()
@@ -186,7 +188,8 @@ class CallLog:
         self.emit("barge_in", latency_ms=_ms(latency), onset=None if onset is None else round(onset, 3),
                   rule=decision.rule if decision else None,
                   speech_ms=_ms(decision.speech_secs) if decision else None,
-                  decision_ms=_ms(max(0.0, now - decision.at)) if decision else None)
+                  decision_ms=_ms(max(0.0, now - decision.at)) if decision else None,
+                  audio_ms=_ms(decision.audio_secs) if decision else None)
         if self._metrics:
             self._metrics.barge_ins.labels(decision.rule if decision else "unknown").inc()
             if latency is not None:
@@ -217,7 +220,7 @@ class CallLog:
         self._turn_segments = None
 
     def bot_started(self, at: float) -> None:
-        """`at`: when the pacer pushed it (the observer runs a little behind)."""
+        """`at`: when the pacer pushed it."""
         self._audible_since = at
         self.emit("bot_started")
 
@@ -225,13 +228,13 @@ class CallLog:
         self._audible_since = None
         self.emit("bot_stopped")
 
-    def barge_in_decided(self, at: float, rule: str, speech_secs: float, onset_secs_ago: float) -> None:
+    def barge_in_decided(self, at: float, rule: str, speech_secs: float, onset_secs_ago: float, audio_secs: float | None = None) -> None:
         """A BargeInFrame pushed at `at`; its `clear` follows and writes the barge_in event."""
         if self._last_clear is not None and not self._last_clear_decided and self._last_clear >= at:
             # its clear was already written without it; pairing it with the next one would be wrong
             logger.warning(f"call {self.call_id}: barge-in decision ({rule}) seen after its clear; not paired")
             return
-        self._decision = _Decision(at=at, onset=at - max(0.0, onset_secs_ago), rule=rule, speech_secs=speech_secs,
+        self._decision = _Decision(at=at, onset=at - max(0.0, onset_secs_ago), rule=rule, speech_secs=speech_secs, audio_secs=audio_secs,
                                    audible_since=self._audible_since)
         if self._speaking:
             self._cut = True

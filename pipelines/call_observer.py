@@ -1,12 +1,10 @@
-"""What the processors did, as call events: a pipecat observer on the call's pipeline.
+"""What the processors did, as call events, seen where each frame is first pushed.
 
-An observer sees every frame each time a processor pushes it, so the processors stay unaware of
-the record. Only a frame's first push counts. Frames that are broadcast both ways (the pacer's
-BotStarted/Stopped, VAD's, the turn's) count downstream only. Errors, which travel upstream,
-count either way.
-
-Observers run from a queue, a little behind the pipeline. Where a time goes into a latency (the
-bot becoming audible, a barge-in decision), it is taken from the push's own pipeline-clock stamp.
+The worker's observer (processors/pipecat_adapter.py `observe_inline`) hands this the first push
+of each `WATCHED` frame synchronously, so the processors stay unaware of the record and a time
+taken here (the bot becoming audible, a barge-in decision) is the push's own. Frames that are
+broadcast both ways (the pacer's BotStarted/Stopped, VAD's, the turn's) count downstream only.
+Errors, which travel upstream, count either way.
 """
 
 import time
@@ -24,25 +22,27 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.observers.base_observer import FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 
 from pipelines.call_log import CallLog
 from transports.frames import BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame, holding_clip
 
-_WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
+WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
             BotStartedSpeakingFrame, BotStoppedSpeakingFrame, BargeInFrame, ModelMuteFrame,
             TTSStartedFrame, TTSStoppedFrame, TTSAudioRawFrame, TTSTextFrame, EngineEventFrame, EngineFailedFrame, ErrorFrame)
 
 
-class CallObserver(BaseObserver):
-    def __init__(self, log: CallLog, **kwargs):
-        super().__init__(**kwargs)
+class CallObserver:
+    WATCHED = WATCHED
+
+    def __init__(self, log: CallLog):
         self._log = log
 
-    async def on_push_frame(self, data: FramePushed):
+    def record(self, data: FramePushed):
+        """One frame's first push (of a WATCHED type)."""
         frame = data.frame
-        if not data.first_push or not isinstance(frame, _WATCHED):
+        if not isinstance(frame, WATCHED):
             return
         if isinstance(frame, ErrorFrame):
             self._log.emit("error", message=str(frame.error)[:500], fatal=frame.fatal)
@@ -60,11 +60,11 @@ class CallObserver(BaseObserver):
         elif isinstance(frame, UserStoppedSpeakingFrame):
             log.turn_ended()
         elif isinstance(frame, BotStartedSpeakingFrame):
-            log.bot_started(pushed_at(log, data))
+            log.bot_started(log.now())
         elif isinstance(frame, BotStoppedSpeakingFrame):
             log.bot_stopped()
         elif isinstance(frame, BargeInFrame):
-            log.barge_in_decided(pushed_at(log, data), frame.rule, frame.speech_secs, frame.onset_secs_ago)
+            log.barge_in_decided(log.now(), frame.rule, frame.speech_secs, frame.onset_secs_ago, frame.audio_secs)
         elif isinstance(frame, ModelMuteFrame):
             if frame.muted:
                 log.mute_started()
@@ -87,12 +87,3 @@ class CallObserver(BaseObserver):
         elif isinstance(frame, EngineFailedFrame):
             log.apology(frame.reason)
 
-
-def pushed_at(log: CallLog, data: FramePushed) -> float:
-    """When the frame was pushed, on the call's clock: now, less how far the observer's queue lags."""
-    try:
-        clock_now = data.source.get_clock().get_time()
-    except Exception:  # pipecat raises a bare Exception for a processor not set up: no clock, no lag known
-        return log.now()
-    lag = (clock_now - data.timestamp) / 1e9 if clock_now and data.timestamp else 0.0
-    return log.now() - max(0.0, lag)

@@ -321,7 +321,7 @@ class CallServer:
         outcome = "caller_gone"
         try:
             processors = new_call_processors(self.deployment, self.engines)
-            call.worker = new_call_worker(call_info, processors, output, observers=[CallObserver(call.log)])
+            call.worker = new_call_worker(call_info, processors, output, observer=CallObserver(call.log))
             runner = WorkerRunner(handle_sigint=False)
             await runner.add_workers(call.worker)
             reader = asyncio.create_task(self._read(socket, protocol, call), name=f"call-reader-{call.call_id}")

@@ -150,5 +150,5 @@ class BargeInProcessor(FrameProcessor):
         rule, self._rule = self._rule, None
         self.stats["interruptions"] += 1
         await self.push_frame(BargeInFrame(rule=rule, speech_secs=round(self._speech_secs, 3),
-                                           onset_secs_ago=round(self._call_secs - self._since, 3)))
+                                           onset_secs_ago=round(self._call_secs - self._since, 3), audio_secs=round(self._call_secs, 3)))
         await self.broadcast_interruption()

@@ -123,12 +123,14 @@ class BargeInFrame(SystemFrame):
     `rule`: "floor" (caller speech began over the bot and lasted min_speech_secs) or "overlap" (the
     bot began over a talking caller, who kept talking for overlap_secs). `speech_secs`: the caller's
     voiced speech counted for the rule. `onset_secs_ago`: seconds of caller audio since the speech
-    onset that counts (the caller's onset, or the bot's start for "overlap").
+    onset that counts (the caller's onset, or the bot's start for "overlap"). `audio_secs`: caller
+    audio received by then, so a measurement can tell which of the caller's chunks decided it.
     """
 
     rule: str = "floor"
     speech_secs: float = 0.0
     onset_secs_ago: float = 0.0
+    audio_secs: float = 0.0
 
 
 @dataclass

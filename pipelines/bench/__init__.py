@@ -76,6 +76,12 @@ def _bench_scenarios(args) -> int:
     return bench_scenarios(args)
 
 
+def _bench_hops(args) -> int:
+    from pipelines.bench.hops import bench_hops
+
+    return bench_hops(args)
+
+
 def _bench_stall(args) -> int:
     from pipelines.bench.stall import bench_stall
 
@@ -83,7 +89,7 @@ def _bench_stall(args) -> int:
 
 
 BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation, "load": _bench_load,
-           "soak": _bench_soak, "scenarios": _bench_scenarios, "stall": _bench_stall}
+           "soak": _bench_soak, "scenarios": _bench_scenarios, "stall": _bench_stall, "hops": _bench_hops}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
     from pipelines.bench.conversation import add_parser as add_conversation_parser
+    from pipelines.bench.hops import add_parser as add_hops_parser
     from pipelines.bench.load import add_parser as add_load_parser
     from pipelines.bench.scenarios import add_parser as add_scenarios_parser
     from pipelines.bench.soak import add_parser as add_soak_parser
@@ -110,5 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     add_soak_parser(sub)
     add_scenarios_parser(sub)
     add_stall_parser(sub)
+    add_hops_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)

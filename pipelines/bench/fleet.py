@@ -72,8 +72,10 @@ def bench_env() -> dict:
 
 
 def script_options(lines: list[tuple[float, str]]) -> dict:
-    """Reference engine options: script mode, our handshake, `(at, wav)` utterances on its step timeline."""
-    return {"mode": "script", "handshake_delay_secs": HANDSHAKE, "script": [{"at": at, "wav": wav} for at, wav in lines]}
+    """Reference engine options: script mode, our handshake, `(at, wav)` utterances on its step timeline.
+    Codec-free, so that the engines' CPU (one shared core under `--pin`) does not cap the calls measured."""
+    return {"mode": "script", "handshake_delay_secs": HANDSHAKE, "codec_free": True,
+            "script": [{"at": at, "wav": wav} for at, wav in lines]}
 
 
 @contextlib.contextmanager
@@ -135,7 +137,8 @@ def machine_cpu_secs() -> float | None:
 
 
 def read_records(records: Path | None, outcomes: dict[str, dict]) -> None:
-    """Add each finished call's record not read yet to `outcomes` (call id -> outcome, engine, apology)."""
+    """Add each finished call's record not read yet to `outcomes` (call id -> outcome, engine, apology,
+    caller audio ms at the first barge-in decision)."""
     from pipelines.report import load_events, summarize
 
     if records is None or not records.is_dir():
@@ -147,8 +150,10 @@ def read_records(records: Path | None, outcomes: dict[str, dict]) -> None:
         summary = summarize(events)
         if summary["call_id"] in outcomes or not any(e["event"] == "call_ended" for e in events):
             continue
+        decided = [e["audio_ms"] for e in events if e["event"] == "barge_in" and e.get("audio_ms") is not None]
         outcomes[summary["call_id"]] = {"outcome": summary["outcome"], "engine_url": summary["engine_url"],
-                                        "apology": any(e["event"] == "apology" for e in events)}
+                                        "apology": any(e["event"] == "apology" for e in events),
+                                        "barge_in_audio_ms": decided[0] if decided else None}
 
 
 # ---- calls ---------------------------------------------------------------------------------------
@@ -174,6 +179,7 @@ class CallRun:
     violations: list | None = None
     close_code: int | None = None
     sent_secs: float = 0.0
+    unsent_secs: float = 0.0  # the caller's audio before the bridge accepted the call: the bridge's audio clock starts here
     error: str | None = None
 
 
@@ -187,6 +193,7 @@ async def run_call(fleet: Fleet, run: CallRun, audio: np.ndarray, seconds: float
                                   chunk_ms=UPLINK_MS[fleet.provider], call_sid=run.sid, stream_sid="MZ" + run.sid)
         run.messages = pcm_messages(result.messages, fleet.provider)
         run.violations, run.close_code, run.sent_secs = result.violations, result.close_code, result.sent_seconds
+        run.unsent_secs = result.unsent_seconds
     except Exception as exc:  # counted as failed and listed
         run.error = f"{type(exc).__name__}: {exc}"
     run.end = time.monotonic()

@@ -18,7 +18,11 @@ Figures (caller's timeline: t=0 when `start` is sent; p95/p99 nearest-rank over 
 - output gaps: between consecutive non-silent media in one run of them (a `clear` ends a run): the raw
   inter-arrival gap, the chunk length, and the excess = gap - the previous chunk's length (Exotel's
   3200-byte minimum makes 200 ms chunks, so the raw gap is ~200 ms by protocol).
-- barge-in: the speech's energy onset -> the first `clear` after it; missed = no such `clear`.
+- barge-in: the arrival of the caller's chunk that holds the speech's energy onset (a chunk leaves
+  once "recorded": 100 ms chunks on Exotel) -> the first `clear` after it; missed = no such `clear`.
+  The bridge waits for `min_speech_secs` (0.4) of the caller's speech before it cuts the bot, so
+  that a backchannel does not; "from the floor" counts from the arrival of the chunk on which that
+  rule was met (its end, from the record's `audio_ms`), what the bridge adds to its own rule.
   stray clears: every other `clear`. first audio: `start` -> first non-silent media.
 - outcome: the `call_ended` outcome in the bridge's records; failed = caller error or not `completed`.
 - `--kill-engine-at T`: SIGKILL of engine process 0 T s after the last call started. A call lost its
@@ -36,6 +40,7 @@ and one JSON result for the whole ramp.
 """
 
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -47,6 +52,7 @@ import numpy as np
 
 from pipelines.bench import ramp
 from pipelines.bench.fleet import (
+    UPLINK_MS,
     CallRun,
     call_audio,
     deployment,
@@ -243,6 +249,8 @@ def argparse_copy(args, **changes):
 def measure(args, machine: list[str], argv: list[str], core: int | None = None) -> dict:
     """One load run (`args.calls` calls on a fresh fleet): its result, as written to JSON."""
     audio, onset = call_audio(SPEECH_AT, args.duration)
+    chunk = UPLINK_MS["exotel" if args.server == "stock" else deployment(args.config)[1]] / 1000
+    onset_arrival = math.ceil(round(onset / chunk, 6)) * chunk
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(args.log_dir or tmp) / (f"{args.calls}-calls" if args.ramp else "")
         work.mkdir(parents=True, exist_ok=True)
@@ -262,12 +270,12 @@ def measure(args, machine: list[str], argv: list[str], core: int | None = None) 
             if records is not None:
                 read_records(f.records, records)
             setup = {"provider": f.provider, "engine_processes": len(f.engines), "pinned_core": core}
-    rows = [call_row(r, t0, onset, None if records is None else records.get(r.sid, NO_RECORD), args.duration, kill)
+    rows = [call_row(r, t0, onset_arrival, None if records is None else records.get(r.sid, NO_RECORD), args.duration, kill)
             for r in runs]
     gaps = [g for r in runs if r.messages is not None for g in speech_gaps(r.messages)]
     result = {"bench": "load", "machine": machine, "argv": argv,
               "params": {k: v for k, v in vars(args).items() if k not in ("name", "log_dir")} | setup | {"speech_at_s": SPEECH_AT,
-                  "speech_onset_s": round(onset, 3), "script": [list(s) for s in SAY], "stock_speak_at_s": STOCK_SPEAK_AT if stock else None},
+                  "speech_onset_s": round(onset, 3), "onset_chunk_arrival_s": round(onset_arrival, 3), "script": [list(s) for s in SAY], "stock_speak_at_s": STOCK_SPEAK_AT if stock else None},
               **figures(rows, gaps, samples, args.calls),
               "kill": None if kill is None else {"pid": kill["pid"], "ports": kill["ports"], "at_s": round(kill["t"] - t0, 2), **kill_effects(rows)},
               "per_call": rows, "samples": samples}
@@ -316,6 +324,7 @@ def report(r: dict) -> None:
         ["gap ms p50/p99/max", "/".join(int_text(g[k]) for k in ("p50_ms", "p99_ms", "max_ms")) + f" (n {g['n']})"],
         ["chunk ms; excess p99/max", f"{int_text(g['chunk_ms'])}; {int_text(g['excess_p99_ms'])}/{int_text(g['excess_max_ms'])}"],
         ["barge-in ms p50/p95/max", "/".join(int_text(b[k]) for k in ("p50", "p95", "max")) + f" (missed {b['missed']})"],
+        ["  from the floor p50/p95/max", "/".join(int_text(r["barge_in_floor_ms"][k]) for k in ("p50", "p95", "max"))],
         ["clears early / stray", f"{b['early_clears']} / {r['stray_clears']}"],
         ["first audio ms p50/p95/max", "/".join(int_text(fa[k]) for k in ("p50", "p95", "max")) + f" (silent {fa['silent']})"],
     ]
@@ -334,13 +343,13 @@ def report(r: dict) -> None:
              others["barge_in_missed"]]], 12))
         print("```")
     print("\nper call:\n```")
-    header = ["call", "start s", "outcome", "engine", "barge ms", "first ms", "underruns", "stray", "violations"]
+    header = ["call", "start s", "outcome", "engine", "barge ms", "floor ms", "first ms", "underruns", "stray", "violations"]
     if kill:
         header += ["lost", "after kill s", "hung up"]
     calls = []
     for c in r["per_call"]:
         line = [c["sid"], f"{c['start_s']:.2f}", c.get("outcome", "n/a") if not c["error"] else "error", c.get("engine_port") or "-",
-                int_text(c.get("barge_in_ms")), int_text(c.get("first_audio_ms")), c.get("underruns", "-"), c.get("stray_clears", "-"),
+                int_text(c.get("barge_in_ms")), int_text(c.get("barge_in_floor_ms")), int_text(c.get("first_audio_ms")), c.get("underruns", "-"), c.get("stray_clears", "-"),
                 c["violations"]]
         if kill:
             line += ["yes" if c.get("lost_engine") else "no", c.get("audible_after_kill_s", "-"), "yes" if c.get("hung_up_by_bridge") else "no"]

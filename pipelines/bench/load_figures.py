@@ -60,13 +60,18 @@ def engine_port(url: str | None) -> int | None:
 
 
 def call_row(run: CallRun, t0: float, onset: float, record: dict | None, duration: float, kill: dict | None) -> dict:
-    """One call's figures; `record` is its bridge record (None: the stock server keeps none)."""
+    """One call's figures; `record` is its bridge record (None: the stock server keeps none). `onset`:
+    the arrival of the caller's chunk holding the speech onset; barge-in counts from there and,
+    `barge_in_floor_ms`, from the arrival of the chunk on which the bridge's rule was met."""
     row = {"sid": run.sid, "start_s": round(run.start - t0, 3), "secs": round(run.end - run.start, 2), "error": run.error,
            "violations": len(run.violations or []), "close_code": run.close_code, "sent_s": round(run.sent_secs, 2)}
     if run.messages is not None:
         row |= call_figures(run.messages, onset)
     if record is not None:
         row |= {"outcome": record["outcome"], "engine_port": engine_port(record["engine_url"]), "apology": record["apology"]}
+        decided = record.get("barge_in_audio_ms")
+        if decided is not None and row.get("barge_in_ms") is not None:  # the chunk that decided it arrived at its end
+            row["barge_in_floor_ms"] = round((onset + row["barge_in_ms"] / 1000 - run.unsent_secs - decided / 1000) * 1000, 1)
     if kill is not None and run.messages is not None:
         row |= {"lost_engine": row.get("engine_port") in kill["ports"],
                 "audible_after_kill_s": round(audible_secs(run.messages, kill["t"] - run.start + KILL_MARGIN), 2),
@@ -78,6 +83,7 @@ def figures(rows: list[dict], gaps: list[tuple[float, float]], samples: list[dic
     """The run's figures from its per-call rows, speech gaps and /proc samples."""
     done = [r for r in rows if not r["error"]]
     lats = [r["barge_in_ms"] for r in done if r.get("barge_in_ms") is not None]
+    floors = [r["barge_in_floor_ms"] for r in done if r.get("barge_in_floor_ms") is not None]
     firsts = [r["first_audio_ms"] for r in done if r.get("first_audio_ms") is not None]
     starts = [r["start_s"] for r in rows]
     ends = [r["start_s"] + r["secs"] for r in rows]
@@ -93,6 +99,7 @@ def figures(rows: list[dict], gaps: list[tuple[float, float]], samples: list[dic
         "output_gaps": gap_figures(gaps),
         "barge_in_ms": {"p50": percentile(lats, 50), "p95": percentile(lats, 95), "max": max(lats, default=None),
                         "missed": len(done) - len(lats), "early_clears": sum(r.get("early_clears", 0) for r in done)},
+        "barge_in_floor_ms": {"p50": percentile(floors, 50), "p95": percentile(floors, 95), "max": max(floors, default=None)},
         "stray_clears": sum(r.get("stray_clears", 0) for r in done),
         "first_audio_ms": {"p50": percentile(firsts, 50), "p95": percentile(firsts, 95), "max": max(firsts, default=None),
                            "silent": len(done) - len(firsts)},

@@ -10,7 +10,9 @@ The ramp (`--ramp 10,20,30`) runs the load at each step in turn, a fresh fleet (
 per step, and stops after the first step at which a target breaks (`--keep-going`: runs every step).
 The targets (module constants, figure names as in the load result):
 chunk_violations <= MAX_CHUNK_VIOLATIONS, underruns.count <= MAX_UNDERRUNS (inside bot speech),
-barge_in_ms.p50 <= MAX_BARGE_IN_P50_MS and barge_in_ms.missed <= MAX_BARGE_IN_MISSED,
+barge-in p50 <= MAX_BARGE_IN_P50_MS counted from the chunk on which the bridge's floor rule was met
+(barge_in_floor_ms; stock pipecat, which keeps no record and cuts on the VAD's start, from the onset
+chunk: barge_in_ms) and barge_in_ms.missed <= MAX_BARGE_IN_MISSED,
 first_audio_ms.p95 <= MAX_FIRST_AUDIO_P95_MS (not for stock pipecat, whose bot first speaks at 8.5 s
 by design), failed <= MAX_FAILED.
 """
@@ -28,11 +30,11 @@ MAX_FIRST_AUDIO_P95_MS = 300.0
 MAX_FAILED = 0
 
 TARGETS_HELP = (f"targets: chunk_violations <= {MAX_CHUNK_VIOLATIONS}, underruns <= {MAX_UNDERRUNS}, "
-                f"barge_in_ms.p50 <= {MAX_BARGE_IN_P50_MS:g} (missed <= {MAX_BARGE_IN_MISSED}), "
+                f"barge-in p50 <= {MAX_BARGE_IN_P50_MS:g} from the floor rule's chunk (stock: the onset's; missed <= {MAX_BARGE_IN_MISSED}), "
                 f"first_audio_ms.p95 <= {MAX_FIRST_AUDIO_P95_MS:g} (not for --server stock), failed <= {MAX_FAILED}")
 
 HEADER = ["calls", "bridge % of core", "% per call", "core other %", "engines/callers/other %", "violations", "underruns",
-          "barge-in p50 ms", "first audio p95 ms", "RSS MB peak", "failed", "broke"]
+          "barge-in p50 ms onset/floor", "first audio p95 ms", "RSS MB peak", "failed", "broke"]
 
 
 # ---- the ramp ------------------------------------------------------------------------------------
@@ -52,13 +54,14 @@ def parse_ramp(text: str) -> list[int]:
 def broken_targets(result: dict, stock: bool = False) -> list[str]:
     """The names of the targets one load result misses (a figure that could not be taken misses too)."""
     b, fa = result["barge_in_ms"], result["first_audio_ms"]
+    barge_in = b["p50"] if stock else result["barge_in_floor_ms"]["p50"]
     broke = []
     if result["chunk_violations"] > MAX_CHUNK_VIOLATIONS:
         broke.append("chunk_violations")
     if result["underruns"]["count"] > MAX_UNDERRUNS:
         broke.append("underruns")
-    if b["p50"] is None or b["p50"] > MAX_BARGE_IN_P50_MS:
-        broke.append("barge_in_ms.p50")
+    if barge_in is None or barge_in > MAX_BARGE_IN_P50_MS:
+        broke.append("barge_in_ms.p50" if stock else "barge_in_floor_ms.p50")
     if b["missed"] > MAX_BARGE_IN_MISSED:
         broke.append("barge_in_ms.missed")
     if not stock and (fa["p95"] is None or fa["p95"] > MAX_FIRST_AUDIO_P95_MS):
@@ -74,7 +77,8 @@ def ramp_row(result: dict, broke: list[str]) -> list:
     others = "/".join(int_text(cpu.get(k)) for k in ("engines", "callers", "others"))
     return [result["calls"], int_text(cpu["bridge"]), _num(cpu["bridge_per_call"]), int_text(cpu.get("core_others")), others,
             result["chunk_violations"], f"{result['underruns']['count']} ({result['underruns']['ms']:.0f} ms)",
-            int_text(result["barge_in_ms"]["p50"]) + (f" ({result['barge_in_ms']['missed']} missed)" if result["barge_in_ms"]["missed"] else ""),
+            int_text(result["barge_in_ms"]["p50"]) + "/" + int_text((result.get("barge_in_floor_ms") or {}).get("p50"))
+            + (f" ({result['barge_in_ms']['missed']} missed)" if result["barge_in_ms"]["missed"] else ""),
             int_text(result["first_audio_ms"]["p95"]), int_text(result["rss_mb"]["peak"]), result["failed"], ", ".join(broke) or "-"]
 
 

@@ -80,6 +80,7 @@ class CallResult:
     clears: int = 0
     close_code: int | None = None
     sent_seconds: float = 0.0
+    unsent_seconds: float = 0.0  # audio "recorded" before the bot accepted the call, never sent
     provider: str = "exotel"
     chunks: list[Received] = field(default_factory=list)  # every media chunk, in arrival order
     clear_times: list[float] = field(default_factory=list)
@@ -529,6 +530,7 @@ async def _speak(phone: _Phone, speech: np.ndarray, chunk: int) -> None:
         if phone.server_closed.is_set():
             return
         if not phone.ready.is_set():
+            phone.result.unsent_seconds = (k + 1) * chunk / phone.rate
             continue
         pcm = speech[k * chunk : (k + 1) * chunk].astype("<i2").tobytes()
         if not await phone.send(phone.dialect.media_message(k, chunk * 1000 // phone.rate, pcm)):

@@ -31,6 +31,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from pipelines.call_log import CallLog
 from pipelines.call_observer import CallObserver
+from processors.pipecat_adapter import InlineObserver
 from pipelines.config import RecordsConfig
 from pipelines.metrics import Metrics
 from pipelines.records import MAX_LINE, MAX_STRING, CallRecord, Retention, StereoWav, prune, record_dir
@@ -125,17 +126,17 @@ class Call:
         self.metrics = metrics
         info = info or CallInfo(provider="exotel", stream_id="S1", call_id="CA1", sample_rate=RATE)
         self.log = CallLog(info, metrics, str(root), clock=self.clock, **kwargs)
-        self.observer = CallObserver(self.log)
+        self.observer = InlineObserver(CallObserver.WATCHED, CallObserver(self.log).record)
         self.model, self.next = FrameProcessor(name="model"), FrameProcessor(name="next")
 
     def at(self, t: float) -> "Call":
         self.clock.t = 1000.0 + t
         return self
 
-    async def push(self, *frames, direction=FrameDirection.DOWNSTREAM, first_push=True):
+    async def push(self, *frames, direction=FrameDirection.DOWNSTREAM):
         for frame in frames:
             await self.observer.on_push_frame(FramePushed(source=self.model, destination=self.next, frame=frame,
-                                                          direction=direction, timestamp=0, first_push=first_push))
+                                                          direction=direction, timestamp=0))
 
     async def vad_started(self, start_secs: float = 0.2):
         # a VAD verdict stamped in the future: judged at once, no queue wait, so onset = now - start_secs
@@ -159,7 +160,7 @@ async def test_barge_in_latency_counts_from_caller_speech_over_the_audible_bot(t
     # over them and they take the floor back: latency counts from 2.0, not from their onset
     await call.at(1.0).vad_started()
     await call.at(2.0).push(BotStartedSpeakingFrame())
-    await call.at(2.5).push(BargeInFrame(rule="overlap", speech_secs=0.45, onset_secs_ago=0.5))
+    await call.at(2.5).push(BargeInFrame(rule="overlap", speech_secs=0.45, onset_secs_ago=0.5, audio_secs=2.48))
     call.at(2.503).log.cleared()
     await call.at(2.51).push(BotStoppedSpeakingFrame(), VADUserStoppedSpeakingFrame())
     # floor: the bot talks from 5.0 s; the caller starts at 6.0 s and has talked 0.4 s at 6.4 s
@@ -172,7 +173,7 @@ async def test_barge_in_latency_counts_from_caller_speech_over_the_audible_bot(t
 
     [overlap, floor] = call.events("barge_in")
     assert overlap == {"t": 2.503, "event": "barge_in", "latency_ms": 503, "onset": 2.0, "rule": "overlap",
-                       "speech_ms": 450, "decision_ms": 3}  # from the caller's own onset it would be 1703 ms
+                       "speech_ms": 450, "decision_ms": 3, "audio_ms": 2480}  # from the caller's own onset it would be 1703 ms
     assert (floor["onset"], floor["latency_ms"], floor["decision_ms"], floor["rule"]) == (6.0, 410, 10, "floor")
     assert call.sample("bridge_barge_ins_total", rule="overlap") == 1 and call.sample("bridge_barge_ins_total", rule="floor") == 1
     assert call.sample("bridge_barge_in_seconds_count") == 2
@@ -213,11 +214,12 @@ async def test_a_decision_seen_after_its_clear_is_not_paired_with_the_next_one(t
 async def test_turns_and_the_speech_segments_in_them(tmp_path):
     call = Call(tmp_path)
     await call.at(1.0).vad_started()  # onset 0.8
-    await call.at(1.05).push(UserStartedSpeakingFrame())
+    started = UserStartedSpeakingFrame()
+    await call.at(1.05).push(started)
     await call.at(1.05).push(UserStartedSpeakingFrame(), direction=FrameDirection.UPSTREAM)  # the broadcast's other half
     await call.at(1.6).push(VADUserStoppedSpeakingFrame())
     await call.at(1.9).vad_started()  # a comma pause: same turn
-    await call.at(1.9).push(UserStartedSpeakingFrame(), first_push=False)  # passed on by a later processor
+    await call.at(1.9).push(started)  # passed on by a later processor: not its first push
     await call.at(2.5).push(VADUserStoppedSpeakingFrame())
     await call.at(3.0).push(UserStoppedSpeakingFrame())
     call.log.end("completed", {}, {})

@@ -152,6 +152,8 @@ async def test_caller_starting_over_the_bot_takes_the_floor_after_min_speech():
     started = next(f for f in down if isinstance(f, VADUserStartedSpeakingFrame))
     before = audio_secs_between(down, started, InterruptionFrame)
     assert 0.28 <= before + 1e-9 <= 0.32
+    # the caller audio received by then: 1.2 s quiet + the 0.4 s that decided it
+    assert decision.audio_secs == pytest.approx(1.2 + decision.speech_secs, abs=0.021)
     assert [type(f) for f in up] == [BotStartedSpeakingFrame, InterruptionFrame, BotStoppedSpeakingFrame]
     assert without_interruptions(down) == sent_downstream(frames)  # every frame forwarded, in order
     assert barge_in.stats["interruptions"] == 1 and barge_in.stats["backchannels"] == 0

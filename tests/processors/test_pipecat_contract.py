@@ -4,6 +4,7 @@ Each check names the private attribute or signature it needs, so a pipecat upgra
 fails here, saying which, rather than as a strange VAD or a call that never hears the caller.
 """
 
+import asyncio
 import inspect
 from importlib import resources
 
@@ -13,7 +14,10 @@ import pytest
 from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 from pipecat.audio.vad.vad_controller import VADController
+from pipecat.frames.frames import EndFrame, InputAudioRawFrame, TextFrame
 from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.runner import WorkerRunner
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameProcessor
 
@@ -119,3 +123,35 @@ def test_a_pipelines_name_is_its_name_attribute():
     pipeline = Pipeline([])
     pipecat_adapter.set_name(pipeline, "llm_context")
     need(pipeline.name == "llm_context", "BaseObject._name behind .name")
+
+
+# ---- observing pushes inline ------------------------------------------------------------------
+
+
+def test_the_worker_hands_its_observer_to_the_processors_as_observer():
+    need("self._observer = WorkerObserver(" in inspect.getsource(PipelineWorker.__init__), "PipelineWorker._observer (a WorkerObserver)")
+    need("observer=self._observer" in inspect.getsource(PipelineWorker), "PipelineWorker passing _observer in FrameProcessorSetup")
+
+
+async def test_an_inline_observer_sees_each_watched_frame_once_where_it_is_pushed():
+    class Relay(FrameProcessor):
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            await self.push_frame(frame, direction)
+
+    class Speaker(Relay):
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, InputAudioRawFrame):
+                await self.push_frame(TextFrame(text="hi"))
+
+    seen = []
+    relays = [Relay(), Speaker(), Relay(), Relay()]
+    worker = PipelineWorker(Pipeline(relays), enable_rtvi=False, enable_turn_tracking=False, idle_timeout_secs=None)
+    pipecat_adapter.observe_inline(worker, (TextFrame,), lambda data: seen.append((data.frame.text, data.source)))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
+    await worker.queue_frames([InputAudioRawFrame(audio=bytes(320), sample_rate=8000, num_channels=1), EndFrame()])
+    await asyncio.wait_for(running, 10)
+    need(seen == [("hi", relays[1])], "FrameProcessor pushing through _setup.observer.on_push_frame")

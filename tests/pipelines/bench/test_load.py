@@ -100,6 +100,18 @@ def test_call_row_classifies_a_lost_engine_and_the_apology_after_the_kill():
     assert not other["lost_engine"] and not other["hung_up_by_bridge"] and other["engine_port"] == 9003
 
 
+def test_barge_in_from_the_floor_counts_from_the_chunk_that_met_the_rule():
+    # onset chunk arrives at 10.3 s, the clear at 10.81 s; the bridge met its rule on caller audio
+    # that ended at 9.7 s of what it received, and the caller's first 1.0 s was never sent (not yet
+    # accepted): that chunk arrived at 10.7 s
+    run = run_with([(10.81, CLEAR)], sent=12.0)
+    run.unsent_secs = 1.0
+    row = call_row(run, 100.0, 10.3, {"outcome": "completed", "engine_url": None, "apology": False, "barge_in_audio_ms": 9700}, 12.0, None)
+    assert row["barge_in_ms"] == pytest.approx(510.0) and row["barge_in_floor_ms"] == pytest.approx(110.0)
+    no_decision = call_row(run, 100.0, 10.3, {"outcome": "completed", "engine_url": None, "apology": False}, 12.0, None)
+    assert "barge_in_floor_ms" not in no_decision
+
+
 def test_kill_effects_split_lost_calls_from_the_others():
     rows = [
         {"lost_engine": True, "outcome": "engine_failed", "audible_after_kill_s": 5.0, "hung_up_by_bridge": True, "close_code": 1000},
@@ -161,6 +173,8 @@ def test_read_records_takes_finished_calls_once(tmp_path):
     call.mkdir()
     lines = [{"t": 0.0, "event": "call_started", "call_id": "c1", "provider": "exotel"},
              {"t": 0.1, "event": "engine_acquired", "url": "ws://127.0.0.1:9001", "wait_ms": 0},
+             {"t": 3.0, "event": "barge_in", "rule": "floor", "audio_ms": 2900},
+             {"t": 4.0, "event": "barge_in", "rule": "floor", "audio_ms": 3900},
              {"t": 5.0, "event": "apology", "reason": "engine failed"},
              {"t": 9.0, "event": "call_ended", "outcome": "engine_failed", "seconds": 9.0}]
     (call / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
@@ -169,7 +183,8 @@ def test_read_records_takes_finished_calls_once(tmp_path):
     (live / "events.jsonl").write_text(json.dumps(lines[0] | {"call_id": "c2"}) + "\n")  # still running
     outcomes: dict = {}
     read_records(tmp_path, outcomes)
-    assert outcomes == {"c1": {"outcome": "engine_failed", "engine_url": "ws://127.0.0.1:9001", "apology": True}}
+    assert outcomes == {"c1": {"outcome": "engine_failed", "engine_url": "ws://127.0.0.1:9001", "apology": True,
+                               "barge_in_audio_ms": 2900}}  # the first decision
 
 
 def test_proc_status_reads_rss_threads_and_fds():
@@ -195,6 +210,8 @@ def test_load_two_calls_end_to_end(tmp_path):
         assert key in r
     assert r["failed"] == 0 and r["chunk_violations"] == 0 and r["outcomes"] == {"completed": 2}
     assert r["barge_in_ms"]["missed"] == 0 and all(c["barge_in_ms"] is not None for c in r["per_call"])
+    # the floor rule's chunk comes after the onset's: from the floor is the shorter figure
+    assert all(0 < c["barge_in_floor_ms"] < c["barge_in_ms"] for c in r["per_call"])
     assert "written:" in done.stdout
 
 
