@@ -275,7 +275,8 @@ def measure(args, machine: list[str], argv: list[str], core: int | None = None) 
     gaps = [g for r in runs if r.messages is not None for g in speech_gaps(r.messages)]
     result = {"bench": "load", "machine": machine, "argv": argv,
               "params": {k: v for k, v in vars(args).items() if k not in ("name", "log_dir")} | setup | {"speech_at_s": SPEECH_AT,
-                  "speech_onset_s": round(onset, 3), "onset_chunk_arrival_s": round(onset_arrival, 3), "script": [list(s) for s in SAY], "stock_speak_at_s": STOCK_SPEAK_AT if stock else None},
+                  "speech_onset_s": round(onset, 3),
+                  "onset_chunk_arrival_s": round(onset_arrival, 3), "script": [list(s) for s in SAY], "stock_speak_at_s": STOCK_SPEAK_AT if stock else None},
               **figures(rows, gaps, samples, args.calls),
               "kill": None if kill is None else {"pid": kill["pid"], "ports": kill["ports"], "at_s": round(kill["t"] - t0, 2), **kill_effects(rows)},
               "per_call": rows, "samples": samples}
@@ -349,8 +350,8 @@ def report(r: dict) -> None:
     calls = []
     for c in r["per_call"]:
         line = [c["sid"], f"{c['start_s']:.2f}", c.get("outcome", "n/a") if not c["error"] else "error", c.get("engine_port") or "-",
-                int_text(c.get("barge_in_ms")), int_text(c.get("barge_in_floor_ms")), int_text(c.get("first_audio_ms")), c.get("underruns", "-"), c.get("stray_clears", "-"),
-                c["violations"]]
+                int_text(c.get("barge_in_ms")), int_text(c.get("barge_in_floor_ms")), int_text(c.get("first_audio_ms")),
+                c.get("underruns", "-"), c.get("stray_clears", "-"), c["violations"]]
         if kill:
             line += ["yes" if c.get("lost_engine") else "no", c.get("audible_after_kill_s", "-"), "yes" if c.get("hung_up_by_bridge") else "no"]
         calls.append(line)

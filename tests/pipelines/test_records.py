@@ -31,10 +31,10 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from pipelines.call_log import CallLog
 from pipelines.call_observer import CallObserver
-from processors.pipecat_adapter import InlineObserver
 from pipelines.config import RecordsConfig
 from pipelines.metrics import Metrics
 from pipelines.records import MAX_LINE, MAX_STRING, CallRecord, Retention, StereoWav, prune, record_dir
+from processors.pipecat_adapter import InlineObserver
 from transports.frames import BargeInFrame, CallInfo, ModelMuteFrame
 
 RATE = 8000
