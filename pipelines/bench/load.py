@@ -33,10 +33,11 @@ Figures (caller's timeline: t=0 when `start` is sent; p95/p99 nearest-rank over 
 The bridge alone (`--pin`, `--ramp`; pipelines/bench/ramp.py): `--pin` puts the bridge (or the stock
 server) on the first usable core and the engine processes and the callers on the others, and adds that
 core's busy % and what else ran on it (`core other %`). The engines are cheap by construction: script
-mode plays two preloaded clips (no model, no generation), so per call they only decode the caller's
-Opus and encode the clip's 80 ms pages. `--ramp 10,20,30` runs the load at each call count with a fresh
-fleet and stops after the first step that breaks a target (`--keep-going`: every step), one table row
-and one JSON result for the whole ramp.
+mode plays two preloaded clips (no model, no generation), codec-free (`codec_free`): per call they
+check and count the caller's Ogg pages without decoding them and frame 80 ms packets encoded once per
+process, so that their shared core does not cap the calls measured. `--ramp 10,20,30` runs the load
+at each call count with a fresh fleet and stops after the first step that breaks a target
+(`--keep-going`: every step), one table row and one JSON result for the whole ramp.
 """
 
 import asyncio

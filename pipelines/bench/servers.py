@@ -68,6 +68,8 @@ def engine_command(ports: list[int], options: dict) -> list[str]:
             "--mode", options["mode"], "--handshake-delay-secs", str(options["handshake_delay_secs"])]
     for line in options.get("script", []):
         argv += ["--say", f"{line['at']}:{line['wav']}"]
+    if options.get("codec_free"):
+        argv.append("--codec-free")
     return argv
 
 

@@ -368,7 +368,7 @@ class DownlinkWriter:
     """
 
     def __init__(self) -> None:
-        self._encoder = sphn.OpusStreamWriter(SAMPLE_RATE)
+        self._encoder: sphn.OpusStreamWriter | None = None  # made on first encode: page() alone needs none
         self._parser = OggStreamParser()
         self._sequence = 0
         self._granule = 0
@@ -383,15 +383,27 @@ class DownlinkWriter:
 
     def encode(self, pcm: np.ndarray) -> bytes:
         """Encode exactly one 1920-sample frame into one page holding one 80 ms packet."""
+        if self._sequence == 0:
+            raise RuntimeError("header_pages() must be sent before audio pages")
+        return self.page(self.encode_packet(pcm))
+
+    def encode_packet(self, pcm: np.ndarray) -> bytes:
+        """One 1920-sample frame as one 80 ms packet, unframed: a packet encoded once can be framed by
+        any number of streams (``page``)."""
         pcm = np.asarray(pcm, dtype=np.float32)
         if pcm.shape != (FRAME_SAMPLES,):
             raise ValueError(f"expected {FRAME_SAMPLES} mono samples, got shape {pcm.shape}")
-        if self._sequence == 0:
-            raise RuntimeError("header_pages() must be sent before audio pages")
+        if self._encoder is None:
+            self._encoder = sphn.OpusStreamWriter(SAMPLE_RATE)
         packets = [
             p for p in self._parser.feed(self._encoder.append_pcm(pcm)) if not is_header_packet(p)
         ]
-        packet = self._merge(packets)
+        return self._merge(packets)
+
+    def page(self, packet: bytes) -> bytes:
+        """The next page of this stream holding one 80 ms packet: serial, sequence, granule and CRC."""
+        if self._sequence == 0:
+            raise RuntimeError("header_pages() must be sent before audio pages")
         self._granule += FRAME_SAMPLES
         page = write_page(
             packet, serial=DOWNLINK_SERIAL, sequence=self._sequence, granule=self._granule
@@ -429,31 +441,41 @@ class UplinkDecoder:
 
     def __init__(self) -> None:
         self.parser = OggStreamParser()
-        self._decoder = sphn.OpusStreamReader(SAMPLE_RATE)
+        self._decoder: sphn.OpusStreamReader | None = None  # made on first decode: counting needs none
         self._sequence = 0
         self._granule = 0
         self.packets = 0
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Feed uplink bytes; return the PCM (24 kHz float32) they completed. Raises on violations."""
-        out: list[np.ndarray] = []
+    def audio_packets(self, data: bytes) -> list[tuple[bytes, int]]:
+        """Feed uplink bytes; return the audio packets they completed, each with its duration in 24 kHz
+        samples (from its TOC), checked as ``decode`` checks them. Raises on violations."""
+        out = []
         for packet in self.parser.feed(data):
             if is_header_packet(packet):
                 continue
-            split_opus_packet(packet)  # reject garbage before it reaches the decoder
-            pcm = self._decoder.append_bytes(self._wrap(packet))
+            # splitting rejects garbage before it reaches the decoder
+            out.append((packet, packet_duration_us(packet) * SAMPLE_RATE // 1_000_000))
             self.packets += 1
+        return out
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Feed uplink bytes; return the PCM (24 kHz float32) they completed. Raises on violations."""
+        if self._decoder is None:
+            self._decoder = sphn.OpusStreamReader(SAMPLE_RATE)
+        out: list[np.ndarray] = []
+        for packet, samples in self.audio_packets(data):
+            pcm = self._decoder.append_bytes(self._wrap(packet, samples))
             if pcm is not None and len(pcm):
                 out.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def _wrap(self, packet: bytes) -> bytes:
+    def _wrap(self, packet: bytes, samples: int) -> bytes:
         pages = b""
         if self._sequence == 0:
             pages += write_page(opus_head(), serial=1, sequence=0, granule=0, bos=True)
             pages += write_page(opus_tags(), serial=1, sequence=1, granule=0)
             self._sequence = 2
-        self._granule += packet_duration_us(packet) * 48 // 1000
+        self._granule += samples * 48000 // SAMPLE_RATE
         pages += write_page(packet, serial=1, sequence=self._sequence, granule=self._granule)
         self._sequence += 1
         return pages

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import hashlib
 import ipaddress
 import ssl
 import tempfile
@@ -27,7 +28,7 @@ from loguru import logger
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipelines.sim.engine import converse
-from pipelines.sim.engine.script import ScriptAgent, text_pieces
+from pipelines.sim.engine.script import EncodedScript, ScriptAgent, text_pieces
 from processors.audio import PIPECAT_SPEECH_WAV, read_wav
 from processors.personaplex.ogg_reader import (
     FRAME_SAMPLES,
@@ -54,6 +55,7 @@ DEFAULT_VOICES = [
     *(f"VARM{i}.pt" for i in range(5)),
 ]
 _GONE = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+_UNHEARD = np.zeros(FRAME_SAMPLES, dtype=np.float32)  # codec_free: a step's input, never looked at
 
 
 class ScriptLine(BaseModel, extra="forbid"):
@@ -79,6 +81,11 @@ class EngineOptions(BaseModel, extra="forbid"):
     script_wav: str | None = None
     script_text: str = DEFAULT_SCRIPT_TEXT
     script_at: float = Field(0.5, ge=0)
+    codec_free: bool = Field(
+        False,
+        description="script mode, for load benches: sessions run no Opus codec; caller pages are checked as "
+        "always but not decoded (packet durations clock the steps), and the script is encoded once per process",
+    )
     # converse mode (a model's turn-taking; timings are rounded to 80 ms steps)
     turn_end_secs: float = Field(
         converse.TURN_END_SECS,
@@ -104,6 +111,8 @@ class EngineOptions(BaseModel, extra="forbid"):
     def _one_kind_of_script(self) -> EngineOptions:
         if self.script and self.model_fields_set & {"script_wav", "script_text", "script_at"}:
             raise ValueError("give either script or script_wav/script_text/script_at, not both")
+        if self.codec_free and self.mode != "script":
+            raise ValueError(f"codec_free is for script mode only (mode is {self.mode!r}): other modes hear the caller")
         return self
 
     def script_lines(self) -> list[ScriptLine]:
@@ -199,6 +208,7 @@ class ReferenceEngine:
             lines = self.options.script_lines()
             clips = {path: load_clip(path) for path in {line.wav or default_script_wav() for line in lines}}
             self._script = [(line.at, clips[line.wav or default_script_wav()], line.text) for line in lines]
+        self._encoded = _encoded_script(self._script) if self.options.codec_free else None
         if self.options.mode == "converse":
             silero_session()  # loaded at start-up, not in the first call's session
         self._slots: asyncio.Semaphore | None = None
@@ -336,6 +346,7 @@ class ReferenceEngine:
     async def _receive(self, ws: web.WebSocketResponse, frames: asyncio.Queue[np.ndarray]) -> None:
         decoder = UplinkDecoder()
         pcm = np.zeros(0, dtype=np.float32)
+        counted = 0  # codec_free: samples not yet made into steps
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 return
@@ -347,14 +358,19 @@ class ReferenceEngine:
                 logger.warning(f"ignoring message of unknown kind {data[:1].hex() or 'empty'}")
                 continue
             try:
-                decoded = decoder.decode(data[1:])
+                if self._encoded is None:
+                    pcm = np.concatenate([pcm, decoder.decode(data[1:])])
+                else:  # codec_free: checked like decoded pages, but only their durations clock the steps
+                    counted += sum(samples for _, samples in decoder.audio_packets(data[1:]))
             except (OggStreamError, OpusPacketError, ValueError) as exc:
                 self.stats.uplink_violations += 1
                 raise UplinkViolation(str(exc)) from exc
-            pcm = np.concatenate([pcm, decoded])
             while len(pcm) >= FRAME_SAMPLES:
                 frames.put_nowait(pcm[:FRAME_SAMPLES])
                 pcm = pcm[FRAME_SAMPLES:]
+            while counted >= FRAME_SAMPLES:
+                frames.put_nowait(_UNHEARD)
+                counted -= FRAME_SAMPLES
 
     async def _run_steps(
         self,
@@ -363,7 +379,7 @@ class ReferenceEngine:
         frames: asyncio.Queue[np.ndarray],
         writer: DownlinkWriter,
     ) -> None:
-        agent = self._new_agent()
+        agent, encoded = self._new_agent(), self._encoded
         limit = self.options.fail_after_frames
         sent = 0
         while limit is None or sent < limit:
@@ -371,11 +387,16 @@ class ReferenceEngine:
             self.stats.frames_in += 1
             if self.options.step_delay_secs:
                 await asyncio.sleep(self.options.step_delay_secs)
-            audio, text = agent.step(frame)
+            if encoded is None:
+                audio, text = agent.step(frame)
+                page = writer.encode(audio)
+            else:  # codec_free: this step's packet, encoded once per process, framed for this session
+                packet, text = encoded.step(sent)
+                page = writer.page(packet)
             if text:
                 await ws.send_bytes(bytes([KIND_TEXT]) + text.encode())
                 self.stats.text_pieces_out += 1
-            await ws.send_bytes(bytes([KIND_AUDIO]) + writer.encode(audio))
+            await ws.send_bytes(bytes([KIND_AUDIO]) + page)
             self.stats.frames_out += 1
             sent += 1
         logger.warning(f"{request.remote}: fail_after_frames={limit} reached, dropping the connection")
@@ -396,6 +417,17 @@ class ReferenceEngine:
         if options.mode == "tone":
             return ToneAgent(options.tone_hz)
         return ScriptAgent(self._script)
+
+
+_ENCODED_SCRIPTS: dict[tuple[tuple[float, str, str], ...], EncodedScript] = {}
+
+
+def _encoded_script(script: list[tuple[float, np.ndarray, str]]) -> EncodedScript:
+    """One encoding per script per process: a bench runs K engines in a process, all with one script."""
+    key = tuple((at, hashlib.sha1(clip.tobytes()).hexdigest(), text) for at, clip, text in script)
+    if key not in _ENCODED_SCRIPTS:
+        _ENCODED_SCRIPTS[key] = EncodedScript(script)
+    return _ENCODED_SCRIPTS[key]
 
 
 def _abort(request: web.Request) -> None:
@@ -465,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         choices=["converse", "echo", "tone", "script"],
-        help=f"default: script with --say, else {defaults.mode}",
+        help=f"default: script with --say or --codec-free, else {defaults.mode}",
     )
     p.add_argument(
         "--handshake-delay-secs",
@@ -496,6 +528,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--script-wav", help="one-line script: clip (default: pipecat's ready.wav)")
     p.add_argument("--script-text", help=f"one-line script: words (default: {defaults.script_text!r})")
     p.add_argument("--script-at", type=float, help=f"one-line script: at, s (default: {defaults.script_at})")
+    p.add_argument("--codec-free", action="store_true",
+                   help=EngineOptions.model_fields["codec_free"].description)
     p.add_argument("--sessions", type=int, default=defaults.sessions, help="concurrent sessions (real: 1)")
     p.add_argument("--no-tls", action="store_true", help="serve ws:// instead of wss:// (real: --ssl)")
     return p
@@ -538,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Flags left out stay unset: the model's defaults apply, and --script-* are not mixed with --say.
     unset_unless_given = {
-        "mode": args.mode or ("script" if args.say else None),
+        "mode": args.mode or ("script" if args.say or args.codec_free else None),
         "script_wav": args.script_wav,
         "script_text": args.script_text,
         "script_at": args.script_at,
@@ -554,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             tone_hz=args.tone_hz,
             script=args.say or [],
             sessions=args.sessions,
+            codec_free=args.codec_free,
             **{name: value for name, value in unset_unless_given.items() if value is not None},
         )
     except ValidationError as exc:

@@ -1,12 +1,13 @@
 """The scripted agent: clips played on the session's timeline, their words spread over it as text
-pieces. The `script` mode is this alone; `converse` mixes it into its own replies."""
+pieces. The `script` mode is this alone; `converse` mixes it into its own replies. `EncodedScript` is
+the same script encoded once per process, for sessions that run no codec (the `codec_free` option)."""
 
 from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
 
-from processors.personaplex.ogg_reader import FRAME_SAMPLES, SAMPLE_RATE
+from processors.personaplex.ogg_reader import FRAME_SAMPLES, SAMPLE_RATE, DownlinkWriter
 
 
 def text_pieces(text: str) -> list[str]:
@@ -21,7 +22,6 @@ def text_pieces(text: str) -> list[str]:
         if tail:
             pieces.append(tail if core else " " + tail)
     return pieces
-
 
 
 class ScriptAgent:
@@ -44,8 +44,14 @@ class ScriptAgent:
             pieces = text_pieces(text)
             for i, piece in enumerate(pieces):
                 self._schedule.setdefault(first_step + i * clip_steps // len(pieces), []).append(piece)
+        self._end = max((start + len(clip) for start, clip in self._clips), default=0)
         self._pending: deque[str] = deque()
         self._step = 0
+
+    @property
+    def finished(self) -> bool:
+        """Every clip played and every piece said: from here on each step is silence and no text."""
+        return self._step * FRAME_SAMPLES >= self._end and not self._schedule and not self._pending
 
     def step(self, frame: np.ndarray) -> tuple[np.ndarray, str | None]:
         pos = self._step * FRAME_SAMPLES
@@ -57,3 +63,35 @@ class ScriptAgent:
         self._pending.extend(self._schedule.pop(self._step, []))
         self._step += 1
         return np.clip(out, -1.0, 1.0), self._pending.popleft() if self._pending else None
+
+
+class EncodedScript:
+    """A script's steps as 80 ms Opus packets, encoded once per process, with their text pieces.
+
+    What a `ScriptAgent` says never depends on the caller, so every session of a process can send the
+    same packets, each framed into its own stream by a `DownlinkWriter` (`page`): a session then costs
+    Ogg framing, not an Opus encoder. Silent steps share one packet; each run of sounding steps is
+    encoded by a fresh encoder that first hears a silent step, as the session's decoder just did.
+    """
+
+    def __init__(self, lines: Iterable[tuple[float, np.ndarray, str]]) -> None:
+        quiet = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+        warm = DownlinkWriter()
+        self.silence = [warm.encode_packet(quiet) for _ in range(3)][-1]  # past the encoder's start-up
+        self.steps: list[tuple[bytes, str | None]] = []
+        agent = ScriptAgent(lines)
+        writer: DownlinkWriter | None = None
+        while not agent.finished:
+            audio, text = agent.step(quiet)
+            if audio.any():
+                if writer is None:
+                    writer = DownlinkWriter()
+                    writer.encode_packet(quiet)
+                self.steps.append((writer.encode_packet(audio), text))
+            else:
+                writer = None
+                self.steps.append((self.silence, text))
+
+    def step(self, index: int) -> tuple[bytes, str | None]:
+        """Step `index` of a session's timeline: its packet and its text piece, if any."""
+        return self.steps[index] if index < len(self.steps) else (self.silence, None)
