@@ -35,6 +35,10 @@ started. The events, and their fields besides `t`:
     mute_started      bot_speech starts silencing the interrupted model
     mute_ended        secs (model audio dropped), words (the model's words in it, never heard),
                       speech_secs (how far into the mute the model was still speaking)
+    action            action (hang_up, transfer, persona, play, event), reason (what asked: "dtmf 0",
+                      "idle", "max_duration", a processor's), clip, target, persona, event, data,
+                      refused (why nothing was done)
+    transfer          target, to, ok, how (provider_rest, stream_end, page): the call handed over
     engine_waiting    busy: every engine is serving a call; the call queues
     engine_acquired   url, wait_ms
     engine_ready      url, handshake_ms
@@ -46,8 +50,8 @@ started. The events, and their fields besides `t`:
     draining          deadline_secs
     record_truncated  max_bytes, written_bytes: the record reached `records.max_call_bytes`; only
                       call_ended follows
-    call_ended        outcome, seconds, dropped (reason -> count), stats (per processor);
-                      lines_dropped (events, transcript lines) after a record_truncated
+    call_ended        outcome, seconds, dropped (reason -> count), stats (per processor), record
+                      (its directory, null without records); lines_dropped (events, transcript lines) after a record_truncated
 
 Every field is capped and escaped by the record (`pipelines/records.py`), whoever sent it.
 
@@ -66,7 +70,7 @@ from loguru import logger
 from pipelines.metrics import Metrics
 from pipelines.records import MAX_CALL_BYTES, CallRecord, record_dir
 from transports.base import LOG_EVERY, LOG_FIRST
-from transports.frames import EngineEvent, EngineEventFrame
+from transports.frames import ActionTakenFrame, EngineEvent, EngineEventFrame
 
 
 @dataclass
@@ -87,10 +91,13 @@ class CallLog:
     Not a logger: loguru lines are separate."""
 
     def __init__(self, call, metrics: Metrics | None = None, records_dir: str | None = None, audio: bool = False,
-                 clock: Callable[[], float] = time.monotonic, max_bytes: int | None = MAX_CALL_BYTES):
+                 clock: Callable[[], float] = time.monotonic, max_bytes: int | None = MAX_CALL_BYTES,
+                 on_event: Callable[[str, str, dict], None] | None = None):
         """`clock`: seconds, monotonic; a test steps its own to check latencies exactly.
-        `max_bytes`: the record's events and transcript (None: no cap)."""
+        `max_bytes`: the record's events and transcript (None: no cap). `on_event(call_id, event,
+        fields)`: every event also goes there, records or not (the call events webhook)."""
         self.call_id = call.call_id or call.stream_id
+        self._on_event = on_event
         self._clock = clock
         self._t0 = clock()
         self._metrics = metrics
@@ -131,6 +138,8 @@ class CallLog:
         return self._clock() - self._t0
 
     def emit(self, event: str, t: float | None = None, **data) -> None:
+        if self._on_event is not None:
+            self._on_event(self.call_id, event, data)
         if self._record is None:
             return
         try:
@@ -248,6 +257,12 @@ class CallLog:
             self._hold()
         self.emit("mute_started")
 
+    def action(self, frame: ActionTakenFrame) -> None:
+        """A call action taken (or refused); a final one decides the call's outcome."""
+        self.emit("action", action=frame.action.value, **frame.details())
+        if frame.outcome and not self.outcome:
+            self.outcome = frame.outcome
+
     def mute_ended(self, secs: float, words: str, speech_secs: float = 0.0) -> None:
         """`words`: what bot_speech dropped. Pieces seen during the mute beyond those were heard:
         the observer sees a piece when the model pushes it, bot_speech judges it a little later."""
@@ -343,7 +358,8 @@ class CallLog:
             self._release(_joined(self._muted_text))
         else:
             self._flush_text()
-        self.emit("call_ended", outcome=outcome, seconds=round(self.now(), 3), dropped=dict(dropped), stats=stats)
+        self.emit("call_ended", outcome=outcome, seconds=round(self.now(), 3), dropped=dict(dropped), stats=stats,
+                  record=str(self.path) if self.path else None)
         if self._metrics:
             self._metrics.calls.labels(outcome).inc()
         if self._record:

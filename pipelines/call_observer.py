@@ -26,11 +26,12 @@ from pipecat.observers.base_observer import FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 
 from pipelines.call_log import CallLog
-from transports.frames import BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame, holding_clip
+from transports.frames import ActionTakenFrame, BargeInFrame, EngineEventFrame, EngineFailedFrame, ModelMuteFrame, holding_clip, is_clip
 
 WATCHED = (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame,
             BotStartedSpeakingFrame, BotStoppedSpeakingFrame, BargeInFrame, ModelMuteFrame,
-            TTSStartedFrame, TTSStoppedFrame, TTSAudioRawFrame, TTSTextFrame, EngineEventFrame, EngineFailedFrame, ErrorFrame)
+            TTSStartedFrame, TTSStoppedFrame, TTSAudioRawFrame, TTSTextFrame, EngineEventFrame, EngineFailedFrame, ErrorFrame,
+           ActionTakenFrame)
 
 
 class CallObserver:
@@ -75,10 +76,10 @@ class CallObserver:
             if clip is not None:  # a clip is pushed whole, as one frame
                 log.holding(clip, len(frame.audio) / 2 / frame.sample_rate)
         elif isinstance(frame, TTSStartedFrame):
-            if holding_clip(frame.context_id) is None:
+            if not is_clip(frame.context_id):
                 log.speech_started(frame.context_id)
         elif isinstance(frame, TTSStoppedFrame):
-            if holding_clip(frame.context_id) is None:
+            if not is_clip(frame.context_id):
                 log.speech_stopped(frame.context_id)
         elif isinstance(frame, TTSTextFrame):
             log.text(frame.text if frame.includes_inter_frame_spaces else f" {frame.text}")
@@ -86,4 +87,6 @@ class CallObserver:
             log.engine(frame)
         elif isinstance(frame, EngineFailedFrame):
             log.apology(frame.reason)
+        elif isinstance(frame, ActionTakenFrame):
+            log.action(frame)
 

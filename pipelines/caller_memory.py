@@ -27,6 +27,7 @@ import math
 import os
 import re
 import secrets
+import string
 import tempfile
 import threading
 import time
@@ -35,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MIN_DIGITS = 5
 SALT_FILE = ".salt"
@@ -51,6 +52,11 @@ class CallerMemoryError(OSError):
     """The memory directory or its salt file cannot be used (not creatable, not writable, salt unreadable)."""
 
 
+DEFAULT_NOTE = "This caller has called {times} before; the last call was {ago} ago and ended {outcome}."
+# what a note template may use
+NOTE_FIELDS = ("calls", "times", "ago", "outcome", "last_call_at", "duration")
+
+
 class CallerMemoryConfig(BaseModel):
     """Per-caller memory of earlier calls, keyed by the hashed phone number; off without a directory."""
 
@@ -63,6 +69,16 @@ class CallerMemoryConfig(BaseModel):
     salt: str | None = Field(None, min_length=1, description=(
         "secret mixed into the number's hash; null: a random one generated once and kept in DIR/.salt (mode 0600). "
         "Changing or losing it forgets every caller"))
+    note: str = Field(DEFAULT_NOTE, min_length=1, description=(
+        f"what personaplex adds to its text prompt for a returning caller; fields: {', '.join('{' + f + '}' for f in NOTE_FIELDS)}"))
+
+    @field_validator("note")
+    @classmethod
+    def _known_fields(cls, note: str) -> str:
+        unknown = sorted({f for _, f, _, _ in string.Formatter().parse(note) if f} - set(NOTE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field {{{unknown[0]}}} in the note; use {', '.join('{' + f + '}' for f in NOTE_FIELDS)}")
+        return note
 
 
 @dataclass(frozen=True)
@@ -267,9 +283,6 @@ def _parse(raw: bytes) -> CallerHistory:
     return CallerHistory(calls, last.astimezone(UTC), outcome, float(seconds))
 
 
-DEFAULT_NOTE = "This caller has called {times} before; the last call was {ago} ago and ended {outcome}."
-# what a note template may use
-NOTE_FIELDS = ("calls", "times", "ago", "outcome", "last_call_at", "duration")
 OUTCOME_WORDS = {
     "completed": "normally",
     "transferred": "when the line was transferred",

@@ -12,7 +12,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines.caller_memory import CallerMemoryConfig
 from pipelines.errors import ConfigError, validation_problem
+from pipelines.events import EventsConfig
 from processors.personaplex.pool import PoolParams
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -77,6 +79,8 @@ class DeploymentConfig(_Strict):
     transport: TransportConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)
     records: RecordsConfig = Field(default_factory=RecordsConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    caller_memory: CallerMemoryConfig = Field(default_factory=CallerMemoryConfig)
     processors: list[ProcessorConfig] = Field(default_factory=list)
 
 

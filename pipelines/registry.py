@@ -39,6 +39,7 @@ def _summary(obj) -> str:
 def processors() -> dict[str, ProcessorEntry]:
     from processors.barge_in import BargeInProcessor
     from processors.bot_speech import BotSpeechProcessor
+    from processors.call_actions import CallActionsProcessor
     from processors.holding import HoldingProcessor
     from processors.llm_context import LLMContextProcessor
     from processors.pacer import PacerProcessor
@@ -55,6 +56,7 @@ def processors() -> dict[str, ProcessorEntry]:
         "personaplex": PersonaPlexProcessor,
         "bot_speech": BotSpeechProcessor,
         "holding": HoldingProcessor,
+        "call_actions": CallActionsProcessor,
         "pacer": PacerProcessor,
         "llm_context": LLMContextProcessor,
     }

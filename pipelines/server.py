@@ -19,6 +19,7 @@ id (`logger.contextualize`, inherited by every task the call's pipeline creates)
 """
 
 import asyncio
+import datetime
 import json
 import socket as socketlib
 import time
@@ -35,8 +36,10 @@ from pipecat.workers.runner import WorkerRunner
 from pipelines.builder import DeploymentPlan, new_call_processors, new_call_worker
 from pipelines.call_log import DRAIN_REASON, CallLog
 from pipelines.call_observer import CallObserver
+from pipelines.caller_memory import CallerMemory, prompt_note
+from pipelines.events import EventSink
 from pipelines.metrics import Metrics
-from pipelines.records import Retention
+from pipelines.records import RETENTION_EVERY_SECS, Retention
 from processors.personaplex.pool import EnginePools
 from transports.base import HttpRequest
 from transports.call_input import read_call
@@ -94,7 +97,7 @@ class CallServer:
         self.connections = 0
         self.draining = False
         self.totals = {"calls_total": 0, "dropped_messages": 0, "connections_without_start": 0,
-                       "upgrades_refused": 0, "refused_draining": 0, "rest_hangups": 0}
+                       "upgrades_refused": 0, "refused_draining": 0, "rest_hangups": 0, "rest_transfers": 0}
         self.recent: deque[dict] = deque(maxlen=RECENT_CALLS)
         self.metrics = Metrics()
         self.metrics.watch(self.calls, self.engines)
@@ -106,6 +109,9 @@ class CallServer:
         self._ops_runner: web.AppRunner | None = None
         self.ops_port: int | None = None
         self._retention = Retention.of(cfg.records)  # old call records deleted at start, then hourly
+        self.events = EventSink(cfg.events, deployment=deployment.loaded.path.stem)
+        self.memory = CallerMemory(cfg.caller_memory) if cfg.caller_memory.dir else None
+        self._memory_prune: asyncio.Task | None = None
         self._lag_watch: asyncio.Task | None = None
 
     async def start(self):
@@ -127,6 +133,9 @@ class CallServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self._retention.start()
+        await self.events.start()
+        if self.memory is not None:
+            self._memory_prune = asyncio.create_task(self._prune_memory(), name="caller-memory-prune")
         self._lag_watch = asyncio.create_task(self.metrics.watch_loop(), name="loop-lag")
         self.port = self._runner.addresses[0][1]
         if self.timeouts.ops_port is not None:
@@ -157,8 +166,10 @@ class CallServer:
         if self._ops_runner:
             await self._ops_runner.cleanup()
         await self._retention.stop()
-        if self._lag_watch:
-            self._lag_watch.cancel()
+        await self.events.stop()
+        for task in (self._lag_watch, self._memory_prune):
+            if task:
+                task.cancel()
         await self.engines.close()
 
     async def drain(self) -> None:
@@ -300,7 +311,11 @@ class CallServer:
 
     async def _run_call(self, socket: CallSocket, protocol, started: CallStartedFrame):
         call_info = started.call
-        log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio, max_bytes=self.records.max_call_bytes)
+        log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio, max_bytes=self.records.max_call_bytes,
+                      on_event=self.events.publish)
+        started_at = datetime.datetime.now(datetime.UTC)
+        if self.memory is not None:
+            call_info.caller_note = self._recall(call_info.from_number, started_at)
         call = ActiveCall(log.call_id, call_info.provider, log, socket=socket)
         protocol.on_drop = log.malformed
         with logger.contextualize(call_id=call.call_id):
@@ -315,7 +330,7 @@ class CallServer:
         self.totals["calls_total"] += 1
         logger.info(f"call {call.call_id}: {call.provider} at {call_info.sample_rate} Hz, params {call_info.custom_parameters}"
                     + (f"; record {call.log.path}" if call.log.path else ""))
-        output = CallOutput(protocol, socket, call.call_id, log=call.log)
+        output = CallOutput(protocol, socket, call.call_id, log=call.log, on_transfer=lambda to: self._transfer(protocol, to))
         reader = None
         processors = []
         outcome = "caller_gone"
@@ -342,6 +357,8 @@ class CallServer:
             stats = call_stats(processors, output, self.deployment.stats_names())
             outcome = call.log.end(outcome, protocol.dropped, stats)
             seconds = time.monotonic() - call.started
+            if self.memory is not None:
+                self._remember(call_info, outcome, seconds)
             self.recent.append({"call_id": call.call_id, "provider": call.provider, "outcome": outcome,
                                 "seconds": round(seconds, 1), "stats": stats})
             dropped = sum(protocol.dropped.values())
@@ -394,22 +411,68 @@ class CallServer:
         await worker.queue_frame(frame)
         return False
 
+    def _recall(self, number: str | None, now: datetime.datetime) -> str | None:
+        """The returning caller's note for the model's prompt (caller_memory); a failing store costs the note only."""
+        try:
+            history = self.memory.recall(number, now)
+        except OSError as exc:
+            logger.error(f"caller memory: recall failed: {exc}")
+            return None
+        return None if history is None else prompt_note(history, now, self.deployment.loaded.config.caller_memory.note)
+
+    def _remember(self, call_info, outcome: str, seconds: float) -> None:
+        started_at = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)
+        try:
+            self.memory.remember(call_info.from_number, started_at, outcome, seconds)
+        except OSError as exc:
+            logger.error(f"call {call_info.call_id}: caller memory: remembering failed: {exc}")
+
+    async def _prune_memory(self) -> None:
+        while True:
+            try:
+                gone = await asyncio.to_thread(self.memory.prune)
+                if gone:
+                    logger.info(f"caller memory: forgot {gone} callers older than {self.memory.config.keep_days:g} days")
+            except OSError as exc:
+                logger.error(f"caller memory: pruning failed: {exc}")
+            await asyncio.sleep(RETENTION_EVERY_SECS)
+
     async def _hang_up(self, protocol) -> None:
         """The provider's REST hang-up, where the transport has one configured (off by default)."""
         req = protocol.hangup_request(self.deployment.transport_params)
+        if req is not None and await _rest(req, protocol.call_id, "hang-up"):
+            self.totals["rest_hangups"] += 1
+
+    async def _transfer(self, protocol, to: str) -> bool | None:
+        """A call action's transfer, where the provider takes it over REST (Twilio); None where closing
+        the stream or a page message is the hand-over."""
+        if protocol.transfer_by != "provider_rest":
+            return None
+        req = protocol.transfer_request(self.deployment.transport_params, to)
         if req is None:
-            return
-        auth = aiohttp.BasicAuth(*req["auth"]) if req.get("auth") else None
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HANGUP_TIMEOUT)) as session:
-                async with session.request(req["method"], req["url"], data=req.get("data"), auth=auth) as resp:
-                    if resp.status >= 300:
-                        logger.warning(f"call {protocol.call_id}: REST hang-up got HTTP {resp.status}: {(await resp.text())[:200]}")
-                        return
-                    logger.info(f"call {protocol.call_id}: hung up over REST (HTTP {resp.status})")
-                    self.totals["rest_hangups"] += 1
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning(f"call {protocol.call_id}: REST hang-up failed: {exc!r}")
+            logger.error(f"call {protocol.call_id}: a {protocol.name} transfer goes over its REST API, which needs "
+                         "transport.params account_sid and auth_token; the call is hung up instead")
+            return False
+        ok = await _rest(req, protocol.call_id, "transfer")
+        if ok:
+            self.totals["rest_transfers"] += 1
+        return ok
+
+
+async def _rest(req: dict, call_id: str, what: str) -> bool:
+    """One provider REST request (hang-up, transfer); True on a 2xx answer, failures logged."""
+    auth = aiohttp.BasicAuth(*req["auth"]) if req.get("auth") else None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HANGUP_TIMEOUT)) as session:
+            async with session.request(req["method"], req["url"], data=req.get("data"), auth=auth) as resp:
+                if resp.status >= 300:
+                    logger.warning(f"call {call_id}: REST {what} got HTTP {resp.status}: {(await resp.text())[:200]}")
+                    return False
+                logger.info(f"call {call_id}: {what} over REST (HTTP {resp.status})")
+                return True
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning(f"call {call_id}: REST {what} failed: {exc!r}")
+        return False
 
 
 SEND_BUFFER_BYTES = 64 * 1024  # a call sends < 50 kB/s and keeps ~0.2 s ahead: more is a peer not reading

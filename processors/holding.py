@@ -80,6 +80,28 @@ class ClipBank:
         return self._pcm[key]
 
 
+def prepare_clips(clips: dict[str, str], *dirs: Path) -> ClipBank:
+    """Resolve and render `clips` (name: WAV path) once, at start-up; a missing or unreadable file names
+    its clip. A relative path is looked up in `dirs` in order (the builder gives the YAML's directory,
+    then the shipped deployments'), or in the working directory without any."""
+    paths = {}
+    for name, given in clips.items():
+        path = Path(given)
+        candidates = [path] if path.is_absolute() or not dirs else [d / path for d in dirs]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ParamsError(("clips", name), f"no such file {given!r} (looked in {', '.join(str(c.parent) for c in candidates)})")
+        paths[name] = found
+    bank = ClipBank(paths)
+    for name, path in paths.items():
+        try:
+            for rate in TELEPHONY_RATES:
+                bank.get(name, rate)
+        except (OSError, RuntimeError) as exc:  # soundfile's errors are RuntimeErrors
+            raise ParamsError(("clips", name), f"cannot read {path}: {exc}") from None
+    return bank
+
+
 class HoldingProcessor(FrameProcessor):
     """Holding messages: prompt-phase, slow-engine and apology clips, cut cleanly by model speech."""
 
@@ -87,25 +109,7 @@ class HoldingProcessor(FrameProcessor):
 
     @classmethod
     def prepare(cls, params: HoldingParams, *dirs: Path) -> ClipBank:
-        """Resolve and render the clips once, at start-up; a missing or unreadable file names its clip.
-        A relative path is looked up in `dirs` in order (the builder gives the YAML's directory, then the
-        shipped deployments'), or in the working directory without any."""
-        paths = {}
-        for name, given in params.clips.items():
-            path = Path(given)
-            candidates = [path] if path.is_absolute() or not dirs else [d / path for d in dirs]
-            found = next((p for p in candidates if p.is_file()), None)
-            if found is None:
-                raise ParamsError(("clips", name), f"no such file {given!r} (looked in {', '.join(str(c.parent) for c in candidates)})")
-            paths[name] = found
-        bank = ClipBank(paths)
-        for name, path in paths.items():
-            try:
-                for rate in TELEPHONY_RATES:
-                    bank.get(name, rate)
-            except (OSError, RuntimeError) as exc:  # soundfile's errors are RuntimeErrors
-                raise ParamsError(("clips", name), f"cannot read {path}: {exc}") from None
-        return bank
+        return prepare_clips(params.clips, *dirs)
 
     def __init__(self, params: HoldingParams | None = None, *, prepared: ClipBank | None = None, **kwargs):
         super().__init__(**kwargs)

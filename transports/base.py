@@ -277,6 +277,19 @@ class JsonProtocol:
         """Messages to send just before the server closes the socket at the end of a call."""
         return []
 
+    # How a call is handed to someone else (a call action's transfer): "stream_end" (closing the stream
+    # lets the provider's flow go on to its next step), "provider_rest" (transfer_request) or "page".
+    transfer_by = "stream_end"
+    handed_over = False  # set once the provider took the call elsewhere: no REST hang-up after that
+
+    def transfer(self, target: str, to: str) -> list[str]:
+        """Messages that hand the call to `to` (named `target`) just before the socket closes."""
+        return []
+
+    def transfer_request(self, params, to: str) -> dict | None:
+        """The HTTP request that hands the live call to `to`, where the provider does it over REST."""
+        return None
+
     @classmethod
     def authorize(cls, params, request: HttpRequest) -> str | None:
         """Why this WebSocket upgrade must be refused with 403, or None to accept it."""

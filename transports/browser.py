@@ -40,7 +40,18 @@ from pipecat.utils.time import time_now_iso8601
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from transports.base import ENVELOPE_BYTES, CallRate, Drop, HttpReply, HttpRequest, JsonProtocol, RateLimit, audio_frames, base64_len, dump
-from transports.frames import CallInfo, CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame, holding_clip
+from transports.frames import (
+    ActionTakenFrame,
+    BargeInFrame,
+    CallInfo,
+    CallStartedFrame,
+    CallStoppedFrame,
+    EngineEvent,
+    EngineEventFrame,
+    EngineFailedFrame,
+    MarkPlayedFrame,
+    holding_clip,
+)
 
 PAGE_DIR = Path(__file__).parent / "browser_page"
 ASSETS = {"main.js": "text/javascript", "capture.js": "text/javascript", "playback.js": "text/javascript"}
@@ -222,6 +233,12 @@ class BrowserProtocol(JsonProtocol):
         if isinstance(frame, EngineFailedFrame):
             self._end_reason = "engine failed"
             return [dump({"type": "error", "message": f"the speech engine failed: {frame.reason}"})]
+        if isinstance(frame, EngineEventFrame) and frame.event in (EngineEvent.ACQUIRED, EngineEvent.READY):
+            return [dump({"type": "call_event", "event": frame.event.value, **{k: v for k, v in frame.details().items() if k != "url"}})]
+        if isinstance(frame, BargeInFrame):
+            return [dump({"type": "call_event", "event": "barge_in", "rule": frame.rule, "speech_ms": round(frame.speech_secs * 1000)})]
+        if isinstance(frame, ActionTakenFrame):
+            return [dump({"type": "call_event", "event": "action", "action": frame.action.value, **frame.details()})]
         if isinstance(frame, UserStartedSpeakingFrame):
             self._user_speaking, self._awaiting_bot = True, False
         elif isinstance(frame, UserStoppedSpeakingFrame):  # over the bot, the bot's speech is the answer
@@ -246,6 +263,13 @@ class BrowserProtocol(JsonProtocol):
 
     def goodbye(self) -> list[str]:
         return [dump({"type": "session_ended", "reason": self._end_reason})]
+
+    transfer_by = "page"
+
+    def transfer(self, target: str, to: str) -> list[str]:
+        """The page is told where the call would go; a browser call has no phone line to hand over."""
+        self._end_reason = f"transferred to {target}"
+        return [dump({"type": "transfer", "target": target, "to": to})]
 
     # ---- the page ------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class CallInfo:
     to_number: str | None = None
     custom_parameters: dict[str, str] = field(default_factory=dict)
     chunk_samples: int = 0  # samples per outbound media message the provider wants; 0: any size
+    caller_note: str | None = None  # what the deployment remembers of a returning caller (caller_memory), in words
 
     def start_metadata(self) -> dict:
         """StartFrame.metadata for the call's pipeline: every processor reads it with `call_of`."""
@@ -198,3 +199,82 @@ class EngineEventFrame(SystemFrame):
     def details(self) -> dict:
         """The fields that were given, as the call record's event carries them."""
         return {k: v for k in ("url", "reason", "wait_ms", "handshake_ms", "busy") if (v := getattr(self, k)) is not None}
+
+
+# ---- call actions ----------------------------------------------------------------------------
+
+
+class CallAction(StrEnum):
+    """What a call can be asked to do (processors/call_actions.py carries it out)."""
+
+    HANG_UP = "hang_up"  # the clip, then a clean end of the call
+    TRANSFER = "transfer"  # the clip, then the call goes to a named target, the provider's way
+    PERSONA = "persona"  # the clip, then the model continues as another allow-listed persona
+    PLAY = "play"  # the clip, after what is already queued
+    EVENT = "event"  # nothing audible: an `action` event in the record and the call events
+
+
+@dataclass
+class CallActionFrame(SystemFrame):
+    """A request to act on the call, from `call_actions`' own rules or from any processor.
+
+    Names, never free text: `clip` and `target` name entries of call_actions' `clips` and
+    `transfer_targets`, `persona` one of personaplex's `personas`; anything else is refused and
+    recorded. A SystemFrame, so a barge-in never drops it.
+    """
+
+    action: CallAction = CallAction.PLAY
+    clip: str | None = None
+    target: str | None = None
+    persona: str | None = None
+    event: str | None = None
+    data: dict = field(default_factory=dict)
+    reason: str = ""  # what asked for it: "dtmf 0", "idle", "max_duration", a processor's words
+
+
+@dataclass
+class ActionTakenFrame(SystemFrame):
+    """What `call_actions` did about a CallActionFrame (for the record and the call events);
+    `refused` says why it did nothing."""
+
+    action: CallAction = CallAction.PLAY
+    reason: str = ""
+    clip: str | None = None
+    target: str | None = None
+    persona: str | None = None
+    event: str | None = None
+    data: dict = field(default_factory=dict)
+    refused: str | None = None
+    outcome: str | None = None  # a final action: the call's outcome ("transferred", "caller_idle", ...)
+
+    def details(self) -> dict:
+        return {k: v for k in ("reason", "clip", "target", "persona", "event", "data", "refused") if (v := getattr(self, k))}
+
+
+@dataclass
+class TransferFrame(SystemFrame):
+    """Hand the call to `to` (a phone number or SIP URI) once the bot's queued words have played:
+    the output does it at the call's end, the provider's way."""
+
+    target: str = ""
+    to: str = ""
+
+
+@dataclass
+class PersonaSwitchFrame(SystemFrame):
+    """Continue the conversation as the allow-listed persona `persona` (personaplex reopens its session)."""
+
+    persona: str = ""
+
+
+_ACTION = "action:"
+
+
+def action_context(clip: str) -> str:
+    """The TTS context of a call-action clip (holding clips use `holding:NAME`)."""
+    return _ACTION + clip
+
+
+def is_clip(context_id: str | None) -> bool:
+    """Whether a TTS context is a pre-rendered clip (holding or call action) rather than the model's speech."""
+    return bool(context_id) and (context_id.startswith(_HOLDING) or context_id.startswith(_ACTION))

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from transports.base import Drop, HttpRequest, JsonProtocol, RateLimit, audio_frames, dtmf_frame, dump, pick, str_or_none
 from transports.frames import CallInfo, CallStartedFrame
-from transports.twilio_http import check_upgrade, twiml_endpoint
+from transports.twilio_http import check_upgrade, dial_twiml, twiml_endpoint
 
 RATE = 8000  # bidirectional streams are audio/x-mulaw at 8000 Hz, nothing else
 
@@ -176,9 +176,24 @@ class TwilioProtocol(JsonProtocol):
     def routes(cls, params: TwilioParams) -> dict[str, Any]:
         return {params.twiml_path: twiml_endpoint}
 
+    transfer_by = "provider_rest"
+
+    def transfer_request(self, params: TwilioParams, to: str) -> dict | None:
+        """Twilio's way: update the live call with TwiML that dials `to` (its stream then ends); None
+        without the account's credentials, which the REST API needs."""
+        if not (params.account_sid and params.auth_token and self.call):
+            return None
+        return {
+            "method": "POST",
+            "url": f"{params.api_base_url.rstrip('/')}/2010-04-01/Accounts/{params.account_sid}/Calls/{self.call.call_id}.json",
+            "data": {"Twiml": dial_twiml(to)},
+            "auth": (params.account_sid, params.auth_token),
+        }
+
     def hangup_request(self, params: TwilioParams) -> dict | None:
-        """Ends the call when we hung up; after Twilio's `stop` the call is already over."""
-        if not (params.hang_up and params.account_sid and params.auth_token and self.call) or self._stopped:
+        """Ends the call when we hung up; after Twilio's `stop` the call is already over, and after a
+        transfer it belongs to the dialled party."""
+        if not (params.hang_up and params.account_sid and params.auth_token and self.call) or self._stopped or self.handed_over:
             return None
         return {
             "method": "POST",

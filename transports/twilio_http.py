@@ -90,6 +90,12 @@ def twiml(url: str, parameters: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def dial_twiml(to: str) -> str:
+    """<Dial> to a +E.164 number or a SIP URI (call_actions' transfer targets, checked at start-up)."""
+    inner = f"<Sip>{escape(to)}</Sip>" if to.startswith(("sip:", "sips:")) else f"<Number>{escape(to)}</Number>"
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{inner}</Dial></Response>'
+
+
 def twiml_endpoint(params, request: HttpRequest) -> HttpReply:
     """The voice webhook (GET or POST): a signed request gets the TwiML that connects the stream."""
     if request.method not in ("GET", "POST"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the holding-message clips (committed, so CI needs no espeak-ng/sox).
+# Regenerates the holding-message and call-action clips (committed, so CI needs no espeak-ng/sox).
 # Needs: apt-get install -y espeak-ng sox   (made with espeak-ng 1.51, sox 14.4.2, Debian 12)
 # Holding clips must sound at once: speech starts within 10 ms of sample 0 and ends with at most 20 ms
 # of silence. Output: mono PCM16, 24 kHz (PersonaPlex's own rate), about -3 dBFS peak.
@@ -21,3 +21,8 @@ make() {  # NAME TEXT
 make greeting "Hello, thanks for calling. Please hold on a moment while I connect you."
 make one_moment "One moment, please."
 make apology "Sorry, we are having technical trouble right now. Please call again later. Goodbye."
+# call actions (processors/call_actions.py)
+make goodbye "Thank you for calling. Goodbye."
+make transferring "Please hold while I transfer you to a colleague."
+make still_there "Are you still there?"
+make wrapping_up "We are almost out of time for this call."

@@ -32,7 +32,7 @@ from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
 from processors.personaplex.protocol import MODEL_RATE, Audio, Event, Failed, Phase, SessionMachine, TextPiece
 from processors.personaplex.session import EngineUnreachable, SessionRejected, open_session, tls_context
 from processors.personaplex.uplink import OpusUplinkWriter
-from transports.frames import EngineEvent, EngineEventFrame, EngineFailedFrame, call_of
+from transports.frames import EngineEvent, EngineEventFrame, EngineFailedFrame, PersonaSwitchFrame, call_of
 
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 
@@ -52,6 +52,7 @@ class PersonaPlexParams(BaseModel):
     text_prompt: str = Field(DEFAULT_TEXT_PROMPT, min_length=1)
     personas: dict[str, Persona] = Field(default_factory=dict, description="allow-list selectable per call")
     persona_parameter: str = Field("persona", description="provider custom parameter naming a persona")
+    caller_note: bool = Field(True, description="add what the deployment remembers of a returning caller (caller_memory) to the text prompt")
     verify_tls: bool = Field(False, description="PersonaPlex serves self-signed mkcert certificates")
     ca_file: str | None = None
     connect_timeout_secs: float = Field(5.0, gt=0)
@@ -89,6 +90,7 @@ class PersonaPlexProcessor(FrameProcessor):
         self._machine: SessionMachine | None = None  # the session with the current engine
         self._session_task: asyncio.Task | None = None
         self._persona: Persona | None = None  # chosen at the call's start; the session opens with its first audio
+        self._note: str | None = None  # a returning caller's note, added to every persona's text prompt
         self._watchdog_task: asyncio.Task | None = None
         self._call_id = "unknown"
         self._closing = False
@@ -125,10 +127,41 @@ class PersonaPlexProcessor(FrameProcessor):
         if isinstance(frame, StartFrame):
             call = call_of(frame)
             self._call_id = call.call_id if call else self._call_id
-            self._persona = self.persona_for(call.custom_parameters if call else {})
+            self._note = call.caller_note if call and self._params.caller_note else None
+            self._persona = self._noted(self.persona_for(call.custom_parameters if call else {}))
+        elif isinstance(frame, PersonaSwitchFrame):
+            await self._switch(frame.persona)
         elif isinstance(frame, (EndFrame, CancelFrame)):
             await self._close()
         await self.push_frame(frame, direction)
+
+    async def _switch(self, name: str):
+        """A call action: the conversation goes on as another allow-listed persona. The prompts are set
+        when a session opens, so the session is reopened on the engine the call already holds."""
+        persona = self._params.personas.get(name)
+        if persona is None:
+            logger.warning(f"call {self._call_id}: persona switch to {name[:40]!r} refused: not on the allow-list "
+                           f"({', '.join(sorted(self._params.personas)) or 'empty'})")
+            return
+        self._persona, self.stats["persona"] = self._noted(persona), name
+        persona = self._persona
+        if self._session_task is None or self._closing or self._failed:
+            return  # no session yet: the first one opens with this persona
+        for task in (self._watchdog_task, self._session_task):  # cancelled first: this close is no failure
+            if task and not task.done():
+                await self.cancel_task(task)
+        if self._ws is not None:
+            await self._ws.close()
+        if self._machine is not None:
+            self._machine.close()
+        self._ws = self._machine = None
+        self.stats["persona_switches"] = self.stats.get("persona_switches", 0) + 1
+        self._session_task = self.create_task(self._run_session(persona), name=f"personaplex-{self._call_id}")
+
+    def _noted(self, persona: Persona) -> Persona:
+        if not self._note:
+            return persona
+        return Persona(voice_prompt=persona.voice_prompt, text_prompt=f"{persona.text_prompt} {self._note}")
 
     async def cleanup(self):
         await self._close()
@@ -170,16 +203,18 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._handle(self._machine.closed(self._ws.close_code))
 
     async def _open(self, persona: Persona):
-        """Lease engines until one hand-shakes; one that does not leaves the rotation and the next is tried."""
+        """Lease engines until one hand-shakes; one that does not leaves the rotation and the next is tried.
+        A call that holds an engine already (a persona switch) opens its new session there."""
         deadline = time.monotonic() + self._pool.params.wait_secs
         while True:
             asked = time.monotonic()
-            if self._pool.count(State.IDLE) == 0 and self._pool.available:
-                await self._event(EngineEvent.WAITING, busy=self._pool.count(State.BUSY))
-            self._engine = await self._pool.acquire(self._call_id, max(0.0, deadline - time.monotonic()))
+            if self._engine is None:
+                if self._pool.count(State.IDLE) == 0 and self._pool.available:
+                    await self._event(EngineEvent.WAITING, busy=self._pool.count(State.BUSY))
+                self._engine = await self._pool.acquire(self._call_id, max(0.0, deadline - time.monotonic()))
+                await self._event(EngineEvent.ACQUIRED, url=self._engine.url, wait_ms=_ms(asked))
             url = self._engine.url
             self.stats["engine"] = url
-            await self._event(EngineEvent.ACQUIRED, url=url, wait_ms=_ms(asked))
             opened = time.monotonic()
             self._machine = self._new_machine(url)
             try:
