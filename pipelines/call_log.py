@@ -36,8 +36,8 @@ started. The events, and their fields besides `t`:
     mute_ended        secs (model audio dropped), words (the model's words in it, never heard),
                       speech_secs (how far into the mute the model was still speaking)
     action            action (hang_up, transfer, persona, play, event), reason (what asked: "dtmf 0",
-                      "idle", "max_duration", a processor's), clip, target, persona, event, data,
-                      refused (why nothing was done)
+                      "idle", "max_duration", a processor's), clip, target, persona, name and data
+                      (an event action's), refused (why nothing was done)
     transfer          target, to, ok, how (provider_rest, stream_end, page): the call handed over
     engine_waiting    busy: every engine is serving a call; the call queues
     engine_acquired   url, wait_ms

@@ -248,7 +248,9 @@ class ActionTakenFrame(SystemFrame):
     outcome: str | None = None  # a final action: the call's outcome ("transferred", "caller_idle", ...)
 
     def details(self) -> dict:
-        return {k: v for k in ("reason", "clip", "target", "persona", "event", "data", "refused") if (v := getattr(self, k))}
+        """The fields that were given; an event action's name as `name` (an `event` key is the record's own)."""
+        given = {k: v for k in ("reason", "clip", "target", "persona", "data", "refused") if (v := getattr(self, k))}
+        return given | ({"name": self.event} if self.event else {})
 
 
 @dataclass

@@ -100,7 +100,7 @@ async def test_actions_from_other_processors_are_checked_by_name(tmp_path):
     results = [(a.action, a.refused) for a in taken(down)]
     assert results == [(CallAction.TRANSFER, "no transfer target named '+15550000000'"), (CallAction.PLAY, "no clip named 'nope'"),
                        (CallAction.EVENT, None), (CallAction.PLAY, None)]
-    assert taken(down)[2].details() == {"reason": "intent: buy", "event": "lead", "data": {"score": 3}}
+    assert taken(down)[2].details() == {"reason": "intent: buy", "name": "lead", "data": {"score": 3}}
     assert clips_played(down) == ["still_there"]
     assert kinds(down, TransferFrame, EndWorkerFrame, InterruptionFrame) == []  # nothing final, nothing cut
     assert p.stats["refused"] == 2

@@ -27,7 +27,16 @@ from pipelines.config import CONFIG_DIR
 from pipelines.registry import find_transport
 from transports.base import HttpRequest
 from transports.browser import PAGE_DIR, BrowserParams, BrowserProtocol
-from transports.frames import CallStartedFrame, CallStoppedFrame, EngineFailedFrame, MarkPlayedFrame
+from transports.frames import (
+    ActionTakenFrame,
+    CallAction,
+    CallStartedFrame,
+    CallStoppedFrame,
+    EngineEvent,
+    EngineEventFrame,
+    EngineFailedFrame,
+    MarkPlayedFrame,
+)
 
 
 def msg(**fields) -> str:
@@ -298,3 +307,14 @@ def test_registered_and_the_shipped_deployment_runs_the_conversation_core():
     assert [p["type"] for p in browser] == [p["type"] for p in exotel]
     personas = [p["params"]["personas"] for p in (exotel + browser) if p["type"] == "personaplex"]
     assert personas[0] == personas[1]
+
+
+def test_the_page_is_told_of_a_transfer_and_of_the_calls_events():
+    protocol = started()
+    assert json.loads(protocol.transfer("agent", "+15551234567")[0]) == {"type": "transfer", "target": "agent", "to": "+15551234567"}
+    assert json.loads(protocol.goodbye()[0]) == {"type": "session_ended", "reason": "transferred to agent"}
+    taken = ActionTakenFrame(action=CallAction.EVENT, event="lead", reason="dtmf *", data={"queue": "sales"})
+    assert json.loads(protocol.event(taken)[0]) == {"type": "call_event", "event": "action", "action": "event", "reason": "dtmf *",
+                                                    "data": {"queue": "sales"}, "name": "lead"}
+    ready = EngineEventFrame(event=EngineEvent.READY, url="ws://gpu1:8998", handshake_ms=812)
+    assert json.loads(protocol.event(ready)[0]) == {"type": "call_event", "event": "engine_ready", "handshake_ms": 812}  # no engine URL

@@ -216,6 +216,9 @@ async def test_a_call_from_the_page_plays_the_bot_shows_its_transcript_and_hangs
             await page.wait_for(f"window.callStatus.transcript.includes({json.dumps(LINE)} + '\\n')", 8)  # the utterance ended
             await page.wait_for("window.callStatus.state !== 'speaking' && window.callStatus.marksEchoed >= 1", 5)
             before = await page.status()
+            # the call's events, shown on the page: the engine leased and ready
+            assert [e["event"] for e in before["events"]][:2] == ["engine_acquired", "engine_ready"]
+            assert "engine_ready" in await page.js("document.getElementById('events').textContent")
             stats = await hang_up(page, server)
             assert page.errors == []
     received = [m for m in page.received if m["type"] != "audio"]

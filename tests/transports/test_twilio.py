@@ -3,6 +3,7 @@
 import audioop
 import base64
 import json
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -122,6 +123,20 @@ def test_rest_hang_up_only_with_credentials_and_consent():
     assert req == {"method": "POST", "url": f"http://127.0.0.1:9/2010-04-01/Accounts/AC123/Calls/{CALL}.json",
                    "data": {"Status": "completed"}, "auth": ("AC123", "tok")}
     assert started().hangup_request(params.model_copy(update={"hang_up": False})) is None
+
+
+def test_a_transfer_updates_the_live_call_with_dial_twiml_and_no_hang_up_follows():
+    params = TwilioParams(account_sid="AC123", auth_token="tok", api_base_url="http://127.0.0.1:9")
+    assert started().transfer_request(TwilioParams(), "+15551234567") is None  # the REST API needs the account
+    protocol = started()
+    req = protocol.transfer_request(params, "+15551234567")
+    assert req["url"] == f"http://127.0.0.1:9/2010-04-01/Accounts/AC123/Calls/{CALL}.json" and req["auth"] == ("AC123", "tok")
+    dial = ET.fromstring(req["data"]["Twiml"]).find("Dial")
+    assert dial.find("Number").text == "+15551234567"
+    sip = ET.fromstring(protocol.transfer_request(params, "sip:agent@pbx.example.com;transport=tls")["data"]["Twiml"])
+    assert sip.find("Dial/Sip").text == "sip:agent@pbx.example.com;transport=tls"
+    protocol.handed_over = True  # the call is the agent's now: hanging it up would cut them off
+    assert protocol.hangup_request(params) is None and protocol.transfer_by == "provider_rest"
 
 
 @pytest.mark.parametrize("bad", [{"path": "twilio"}, {"path": "/twilio?x=1"}, {"chunk_ms": 30}, {"nope": 1},

@@ -8,6 +8,7 @@ const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 const status = {
   connected: false, state: "", transcript: "", audioSamplesReceived: 0, audioSamplesPlayed: 0,
   marksEchoed: 0, clears: 0, underruns: 0, sessionEnded: false, endReason: "", sessionId: "", error: "",
+  events: [], transferTo: "",
 };
 Object.defineProperty(window, "callStatus", { get: () => Object.freeze({ ...status }), enumerable: true });
 
@@ -87,6 +88,17 @@ const handlers = {
     status.sessionEnded = true;
     status.endReason = m.reason || "";
   },
+  call_event(m) {
+    const { type, event, ...details } = m;
+    status.events = [...status.events, { event, ...details }];
+    const item = document.createElement("li");
+    item.textContent = `${event}${Object.keys(details).length ? ": " + JSON.stringify(details) : ""}`;
+    $("events").append(item);
+  },
+  transfer(m) {
+    status.transferTo = m.to || "";
+    handlers.call_event({ event: "transfer", target: m.target, to: m.to });
+  },
 };
 
 function echoMark(name) {
@@ -136,8 +148,10 @@ function stopAudio() {
 
 async function call() {
   Object.assign(status, { connected: false, state: "", transcript: "", audioSamplesReceived: 0, audioSamplesPlayed: 0,
-    marksEchoed: 0, clears: 0, underruns: 0, sessionEnded: false, endReason: "", sessionId: "", error: "" });
+    marksEchoed: 0, clears: 0, underruns: 0, sessionEnded: false, endReason: "", sessionId: "", error: "",
+    events: [], transferTo: "" });
   $("transcript").textContent = "";
+  $("events").textContent = "";
   line = null;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   ws = new WebSocket(`${scheme}//${location.host}${cfg.ws_path}`);
