@@ -24,7 +24,7 @@ import json
 import socket as socketlib
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from aiohttp import web
@@ -313,9 +313,8 @@ class CallServer:
         call_info = started.call
         log = CallLog(call_info, self.metrics, self.records.dir, self.records.audio, max_bytes=self.records.max_call_bytes,
                       on_event=self.events.publish)
-        started_at = datetime.datetime.now(datetime.UTC)
         if self.memory is not None:
-            call_info.caller_note = self._recall(call_info.from_number, started_at)
+            call_info = replace(call_info, caller_note=self._recall(call_info.from_number, datetime.datetime.now(datetime.UTC)))
         call = ActiveCall(log.call_id, call_info.provider, log, socket=socket)
         protocol.on_drop = log.malformed
         with logger.contextualize(call_id=call.call_id):

@@ -207,3 +207,20 @@ async def test_a_key_switches_the_persona_on_the_same_engine(tmp_path):
     assert [q["text_prompt"] for q in engine.queries][1:] == [SALES_PROMPT]  # a second session, with the new prompt
     assert call["stats"]["personaplex"]["persona"] == "sales" and call["stats"]["personaplex"]["persona_switches"] == 1
     assert call["outcome"] == "completed"
+
+
+async def test_a_returning_caller_is_remembered_in_the_model_prompt(tmp_path):
+    async with LocalApi().running() as api:
+        path = deployment(tmp_path, api)
+        d = yaml.safe_load(open(path))
+        d["caller_memory"] = {"dir": str(tmp_path / "memory"), "salt": "test-salt"}
+        open(path, "w").write(yaml.safe_dump(d))
+        async with serving(path) as (server, engine):
+            for _ in range(2):  # the simulated Exotel caller always calls from the same number
+                await place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(2 * RATE, np.int16), RATE, seconds=2.0)
+                await until(lambda: not server.calls, 10)
+    first, second = [q["text_prompt"] for q in engine.queries]
+    assert "called" not in first
+    assert second.startswith(first) and "has called once before" in second and "ended normally" in second
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "memory").iterdir())
+    assert b"09999999999" not in stored and b"9999999999" not in stored  # the number itself is never kept
