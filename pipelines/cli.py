@@ -175,7 +175,13 @@ async def _serve(args) -> int:
     elif args.engines:
         logger.warning(f"--engines {args.engines} ignored: engine.urls names the engines")
     engines = engine_pools(deployment, cfg.engine.model_copy(update={"urls": urls}) if urls else None)
-    server = CallServer(deployment, engines, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
+    try:
+        server = CallServer(deployment, engines, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)
+    except OSError as exc:  # caller_memory.dir unusable: said before any call is taken
+        print(f"error: {args.config}: caller_memory: {exc}", file=sys.stderr)
+        for engine in local:
+            await engine.stop()
+        return EXIT_CONFIG
     await server.start()
     page = getattr(deployment.transport_params, "page_path", None)
     extra = f"; page: http://{server.host}:{server.port}{page}" if page else ""

@@ -138,6 +138,10 @@ TOP_LEVEL = {
     "transport": "Which provider protocol serves the calls; `params` are that transport's model below.",
     "engine": "The PersonaPlex engines; without URLs, embedded reference engines answer.",
     "records": "Per-call records: events, transcript, optional audio.",
+    "events": "Call events out: a webhook that gets signed JSON POSTs (started, engine leased, barge-in, action, transfer, "
+              "ended); off without a URL. The body and how to verify it: pipelines/events.py.",
+    "caller_memory": "Per-caller memory, keyed by a salted hash of the number: personaplex may tell the model when a "
+                     "returning caller last called and how that call ended; off without a directory.",
     "processors": "The call's processors in order; each item's `params` are the processor's model below.",
 }
 
