@@ -8,6 +8,7 @@ import json
 from contextlib import asynccontextmanager
 
 import numpy as np
+import pytest
 import yaml
 from aiohttp import web
 
@@ -165,13 +166,37 @@ async def test_twilio_press_0_dials_the_agent_over_rest_after_the_clip_has_playe
     assert record(tmp_path)[-1]["outcome"] == "transferred"
 
 
-async def test_nobody_speaking_gets_a_prompt_then_a_goodbye(tmp_path):
+def dial(server, provider: str, audio: np.ndarray, **kw):
+    """One simulated call of `provider` to the in-process server (Twilio signed with the deployment's token)."""
+    extra = {"provider": "twilio", "auth_token": "tok"} if provider == "twilio" else {}
+    return place_call(f"ws://127.0.0.1:{server.port}/{provider}", audio, RATE, seconds=len(audio) / RATE, linger=5.0, **extra, **kw)
+
+
+@pytest.mark.parametrize("provider", ["exotel", "twilio"])
+async def test_keys_play_a_clip_then_hang_up_with_a_goodbye(tmp_path, provider):
     async with LocalApi().running() as api:
-        path = deployment(tmp_path, api, idle={"prompt_after_secs": 1.5, "prompt_clip": "still_there",
-                                               "hang_up_after_secs": 1.5, "goodbye_clip": "goodbye"})
+        path = deployment(tmp_path, api, provider, dtmf={"#1": {"action": "play", "clip": "still_there"},
+                                                         "9": {"action": "hang_up", "clip": "goodbye"}})
         async with serving(path) as (server, _):
-            result = await place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(20 * RATE, np.int16), RATE,
-                                      seconds=20.0, linger=5.0)
+            result = await dial(server, provider, np.zeros(12 * RATE, np.int16),
+                                events=[Dtmf(at=2.0, digit="#"), Dtmf(at=2.3, digit="1"), Dtmf(at=4.5, digit="9")])
+            await until(lambda: not server.calls, 10)
+    events = record(tmp_path)
+    assert [(e["action"], e["reason"], e.get("clip")) for e in events if e["event"] == "action"] == [
+        ("play", "dtmf #1", "still_there"), ("hang_up", "dtmf 9", "goodbye")]
+    assert events[-1]["outcome"] == "bot_hung_up"
+    assert loud_after(result, 2.4) > 300 and 4.5 < result.server_closed_at < 10.0 and result.violations == []
+    if provider == "twilio":  # we ended it: Twilio is asked to hang up
+        assert [f for _, _, f in api.rest] == [{"Status": "completed"}]
+
+
+@pytest.mark.parametrize("provider", ["exotel", "twilio"])
+async def test_nobody_speaking_gets_a_prompt_then_a_goodbye(tmp_path, provider):
+    async with LocalApi().running() as api:
+        path = deployment(tmp_path, api, provider, idle={"prompt_after_secs": 1.5, "prompt_clip": "still_there",
+                                                         "hang_up_after_secs": 1.5, "goodbye_clip": "goodbye"})
+        async with serving(path) as (server, _):
+            result = await dial(server, provider, np.zeros(20 * RATE, np.int16))
             await until(lambda: not server.calls, 10)
     events = record(tmp_path)
     assert [(e["action"], e["reason"], e.get("clip")) for e in events if e["event"] == "action"] == [
@@ -180,20 +205,20 @@ async def test_nobody_speaking_gets_a_prompt_then_a_goodbye(tmp_path):
     assert result.server_closed_at is not None and result.server_closed_at < 15.0  # well before the caller's 20 s
 
 
-async def test_the_time_limit_warns_then_ends_the_call(tmp_path):
+@pytest.mark.parametrize("provider", ["exotel", "twilio"])
+async def test_the_time_limit_warns_then_ends_the_call(tmp_path, provider):
     async with LocalApi().running() as api:
-        path = deployment(tmp_path, api, "twilio", max_duration={"warn_at_secs": 2.0, "warn_clip": "wrapping_up",
+        path = deployment(tmp_path, api, provider, max_duration={"warn_at_secs": 2.0, "warn_clip": "wrapping_up",
                                                                   "hang_up_at_secs": 4.0, "goodbye_clip": "goodbye"})
         async with serving(path) as (server, _):
-            result = await place_call(f"ws://127.0.0.1:{server.port}/twilio", np.zeros(15 * RATE, np.int16), RATE,
-                                      provider="twilio", seconds=15.0, auth_token="tok", call_sid="CAlimit", linger=5.0)
+            result = await dial(server, provider, np.zeros(15 * RATE, np.int16), call_sid="CAlimit")
             await until(lambda: not server.calls, 10)
     events = record(tmp_path)
     assert [(e["action"], e["reason"]) for e in events if e["event"] == "action"] == [("play", "max_duration"), ("hang_up", "max_duration")]
     assert events[-1]["outcome"] == "max_duration"
     assert 4.0 < result.server_closed_at < 10.0
-    # we ended it, so Twilio is asked to hang up: the REST hang-up, not a transfer
-    assert [(p, f) for _, p, f in api.rest] == [("/2010-04-01/Accounts/AC42/Calls/CAlimit.json", {"Status": "completed"})]
+    if provider == "twilio":  # we ended it, so Twilio is asked to hang up: the REST hang-up, not a transfer
+        assert [(p, f) for _, p, f in api.rest] == [("/2010-04-01/Accounts/AC42/Calls/CAlimit.json", {"Status": "completed"})]
 
 
 async def test_a_key_switches_the_persona_on_the_same_engine(tmp_path):
