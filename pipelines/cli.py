@@ -244,7 +244,7 @@ def cmd_call(args) -> int:
     seconds = args.seconds if args.seconds is not None else len(audio) / rate + answer
     try:
         result = asyncio.run(place_call(url, audio, rate, provider=provider, seconds=seconds, custom_parameters=params,
-                                        auth_token=getattr(tp, "auth_token", None) or None,
+                                        auth_token=getattr(tp, "auth_token", None) or None, events=[d for ds in args.dtmf for d in ds],
                                         progress=lambda line: print(line, file=sys.stderr, flush=True)))
     except _dial_errors() as exc:
         print(f"error: the call to {url} failed: {exc or type(exc).__name__}", file=sys.stderr)
@@ -255,6 +255,22 @@ def cmd_call(args) -> int:
     for v in result.violations[:10]:
         print(f"  violation: {v}")
     return 1 if result.violations else 0
+
+
+def _dtmf(text: str):
+    """'3:0' or '4.5:*9' -> the presses, 0.3 s apart."""
+    import argparse
+
+    from pipelines.sim.caller import Dtmf
+
+    at, _, keys = text.partition(":")
+    try:
+        start = float(at)
+    except ValueError:
+        start = -1.0
+    if start < 0 or not keys or any(k not in "0123456789*#ABCD" for k in keys):
+        raise argparse.ArgumentTypeError(f"--dtmf takes AT:KEYS, e.g. 3:0 or 4.5:*9, not {text!r}")
+    return [Dtmf(at=start + 0.3 * i, digit=k) for i, k in enumerate(keys)]
 
 
 def dial_url(given: str | None, provider: str, server, tp) -> str:
@@ -405,6 +421,8 @@ def parser() -> argparse.ArgumentParser:
                    help="silence before the caller speaks: the engine hears nothing before its handshake (default 1.5 s)")
     p.add_argument("--sample-rate", type=int, choices=(8000, 16000, 24000), help="Exotel only (default 8000); Twilio is 8000, the browser its config's")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="custom parameter (repeatable)")
+    p.add_argument("--dtmf", action="append", default=[], type=_dtmf, metavar="AT:KEYS",
+                   help="press KEYS (0-9 * # A-D, 0.3 s apart) from AT seconds into the call (repeatable; Exotel and Twilio)")
     p.set_defaults(func=cmd_call)
 
     from pipelines.bench.experiment import add_parser as add_experiment
