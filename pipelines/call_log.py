@@ -260,6 +260,8 @@ class CallLog:
     def action(self, frame: ActionTakenFrame) -> None:
         """A call action taken (or refused); a final one decides the call's outcome."""
         self.emit("action", action=frame.action.value, **frame.details())
+        if self._metrics:
+            self._metrics.actions.labels(frame.action.value, "refused" if frame.refused else "taken").inc()
         if frame.outcome and not self.outcome:
             self.outcome = frame.outcome
 

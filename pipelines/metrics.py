@@ -30,7 +30,8 @@ DECISION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 BARGE_IN_RULES = ("floor", "overlap", "unknown")  # unknown: a clear over caller speech with no BargeInFrame
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LAG_TICK_SECS = 0.01
-OUTCOMES = ("completed", "caller_gone", "caller_stalled", "caller_silent", "engine_failed", "no_engine", "drained", "error")
+OUTCOMES = ("completed", "caller_gone", "caller_stalled", "caller_silent", "engine_failed", "no_engine", "drained", "error",
+            "bot_hung_up", "caller_idle", "max_duration", "transferred", "transfer_failed")
 
 
 class Metrics:
@@ -52,6 +53,8 @@ class Metrics:
         self.muted_seconds = Counter("bridge_model_muted_seconds", "Model speech silenced after a barge-in (never heard)",
                                      registry=r)
         self.holding_clips = Counter("bridge_holding_clips", "Holding clips played", ["clip"], registry=r)
+        self.actions = Counter("bridge_call_actions", "Call actions taken (refused: not done, see the record)", ["action", "result"],
+                               registry=r)
         self.malformed = Counter("bridge_malformed_messages", "Provider messages dropped as malformed", ["reason"], registry=r)
         self.engine_failures = Counter("bridge_engine_failures", "Engines taken out of rotation", registry=r)
         self.handshake = Histogram("bridge_engine_handshake_seconds", "Engine connect plus handshake (prompt phase)",

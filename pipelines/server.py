@@ -215,6 +215,7 @@ class CallServer:
             "connections": self.connections,
             "tasks": len(asyncio.all_tasks()),
             **self.totals,
+            "events_out": self.events.stats,
             "recent_calls": list(self.recent),
         }
 

@@ -128,6 +128,9 @@ async def test_exotel_press_0_hears_the_clip_then_the_stream_ends_for_the_next_a
                                       events=[Dtmf(at=1.5, digit="*"), Dtmf(at=2.5, digit="0")], linger=5.0)
             await until(lambda: not server.calls, 10)
             await until(lambda: api.named("call_ended"), 10)
+            taken = server.metrics.registry.get_sample_value("bridge_call_actions_total", {"action": "transfer", "result": "taken"})
+            outcomes = server.metrics.registry.get_sample_value("bridge_calls_total", {"outcome": "transferred"})
+            out = server.stats()["events_out"]
     # the caller heard "please hold while I transfer you", then the bridge closed the stream (Exotel's flow goes on)
     assert result.server_closed_at is not None and result.server_closed_at < 8.0
     assert loud_after(result, 2.6) > 300 and result.violations == []
@@ -143,6 +146,7 @@ async def test_exotel_press_0_hears_the_clip_then_the_stream_ends_for_the_next_a
     assert [e["event"] for e in api.events] == ["call_started", "engine_acquired", "action", "action", "transfer", "call_ended"]
     assert api.named("action")[0]["data"] == {"action": "event", "reason": "dtmf *", "data": {"queue": "sales"}, "name": "callback_requested"}
     assert [e["seq"] for e in api.events] == sorted(e["seq"] for e in api.events)
+    assert taken == 1 and outcomes == 1 and out["delivered"] == 6 and out["retries"] == 2 and out["failed"] == 0
     ended = api.named("call_ended")[0]["data"]
     assert ended["outcome"] == "transferred" and ended["record"].startswith(str(tmp_path / "records"))
 
