@@ -71,6 +71,7 @@ class Engine:
     idle_since: float = field(default_factory=time.monotonic)
     failures: int = 0
     last_error: str = ""
+    token: int | None = None  # the fencing token of the current lease (a shared pool's; grows per engine)
 
 
 class EnginePool:
@@ -181,8 +182,7 @@ class EnginePool:
         engine.state, engine.idle_since = State.IDLE, time.monotonic()
 
     def _all_down(self) -> str:
-        last = self.engines[-1].last_error if self.size == 1 else "; ".join(f"{e.url}: {e.last_error}" for e in self.engines)
-        return f"no engine in rotation (all {self.size} failed; probing): {last}"
+        return all_down(self.engines)
 
     async def _recover(self, engine: Engine) -> None:
         delay = self.params.retry_secs
@@ -201,6 +201,12 @@ class EnginePool:
                 return
         finally:
             self._probes.pop(engine, None)
+
+
+def all_down(engines: list[Engine]) -> str:
+    """NoEngine's words when no engine is in rotation."""
+    last = engines[-1].last_error if len(engines) == 1 else "; ".join(f"{e.url}: {e.last_error}" for e in engines)
+    return f"no engine in rotation (all {len(engines)} failed; probing): {last}"
 
 
 def _personaplex_probe(voice_prompt: str):
