@@ -349,6 +349,12 @@ def _call_scenario(args, deployment, url: str) -> int:
     return 0 if run.passed else 1
 
 
+def guard_main(argv: list[str]) -> int:
+    from pipelines.guard import main
+
+    return main(argv)
+
+
 def report_main(argv: list[str]) -> int:
     from pipelines.report import main
 
@@ -361,7 +367,7 @@ def bench_main(argv: list[str]) -> int:
     return main(argv)
 
 
-DELEGATED = {"engine": engine_main, "bench": bench_main, "report": report_main}
+DELEGATED = {"engine": engine_main, "guard": guard_main, "bench": bench_main, "report": report_main}
 
 
 def prog() -> str:
@@ -402,6 +408,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engine", help="reference PersonaPlex-protocol engine (no GPU)", add_help=False,
                        description="Run the reference engine; `python -m pipelines engine --help` for its options.")
+
+    p = sub.add_parser("guard", help="sidecar in front of one PersonaPlex engine: one session at a time, fenced leases, idle close",
+                       add_help=False, description="Relay sessions to one engine, exclusively; `python -m pipelines guard --help` for its options.")
 
     p = sub.add_parser("call", help="be the caller: dial a running server as the provider does",
                        description="Place a simulated call and write what the caller heard.")

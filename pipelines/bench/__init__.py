@@ -88,8 +88,15 @@ def _bench_stall(args) -> int:
     return bench_stall(args)
 
 
+def _bench_guard(args) -> int:
+    from pipelines.bench.guard import bench_guard
+
+    return bench_guard(args)
+
+
 BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation, "load": _bench_load,
-           "soak": _bench_soak, "scenarios": _bench_scenarios, "stall": _bench_stall, "hops": _bench_hops}
+           "soak": _bench_soak, "scenarios": _bench_scenarios, "stall": _bench_stall, "hops": _bench_hops,
+           "guard": _bench_guard}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
     from pipelines.bench.conversation import add_parser as add_conversation_parser
+    from pipelines.bench.guard import add_parser as add_guard_parser
     from pipelines.bench.hops import add_parser as add_hops_parser
     from pipelines.bench.load import add_parser as add_load_parser
     from pipelines.bench.scenarios import add_parser as add_scenarios_parser
@@ -118,5 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     add_scenarios_parser(sub)
     add_stall_parser(sub)
     add_hops_parser(sub)
+    add_guard_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)
