@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
@@ -399,6 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Guard(args.upstream, capacity=args.capacity, idle_secs=args.idle_secs)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_serve(args))
