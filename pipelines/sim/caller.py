@@ -405,7 +405,7 @@ class Browser:
 
     name = "browser"
     event_key = "type"
-    bot_events = ("init_success", "state", "transcript", "audio", "mark", "clear", "error", "session_ended")
+    bot_events = ("init_success", "state", "transcript", "audio", "mark", "clear", "error", "call_event", "transfer", "session_ended")
     media_field, payload_field, mark_field = "audio", "data", "name"
     waits_for_ready = True
     chunk_ms = 40
@@ -482,6 +482,12 @@ class Browser:
                 phone.violation(t, "transcript without text")
         elif event == "error":
             phone.result.bot_errors.append(f"{t:.3f}s {msg.get('message')}")
+        elif event == "call_event":
+            if not isinstance(msg.get("event"), str):
+                phone.violation(t, "call_event without an event name")
+        elif event == "transfer":
+            if not (isinstance(msg.get("target"), str) and isinstance(msg.get("to"), str)):
+                phone.violation(t, "transfer without target and to")
         elif event == "session_ended":
             phone.result.ended = str(msg.get("reason"))
 
