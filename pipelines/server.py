@@ -133,6 +133,7 @@ class CallServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self._retention.start()
+        await self.engines.start()
         await self.events.start()
         if self.memory is not None:
             self._memory_prune = asyncio.create_task(self._prune_memory(), name="caller-memory-prune")

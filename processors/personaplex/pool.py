@@ -32,6 +32,19 @@ class PoolParams(BaseModel):
     retry_secs: float = Field(5.0, gt=0, description="first probe of an engine out of rotation; the interval doubles up to 60 s")
     probe_timeout_secs: float = Field(20.0, gt=0, description="a probe's connect plus handshake (the prompt phase is 2-9 s)")
     probe_voice_prompt: str = Field("NATF0.pt", description="the voice a probe asks for")
+    lease_store: str | None = Field(None, description=(
+        "redis://HOST:PORT/DB: every bridge replica leases from one fleet through this Redis (or Valkey); "
+        "empty: this process's own pool"))
+    lease_ttl_secs: float = Field(10.0, gt=0, le=10.0, description="a lease whose holder stops renewing it expires after this")
+
+    @field_validator("lease_store", mode="before")
+    @classmethod
+    def _store(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not str(value).startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"lease_store must be a redis:// (rediss://, unix://) URL, got {str(value)[:40]!r}")
+        return value
 
     @field_validator("urls", mode="before")
     @classmethod
@@ -46,8 +59,8 @@ class PoolParams(BaseModel):
     @classmethod
     def _distinct_ws(cls, urls: list[str]) -> list[str]:
         for url in urls:
-            if not url.startswith(("ws://", "wss://")):
-                raise ValueError(f"engine URL must be ws:// or wss://, got {url!r}")
+            if not url.startswith(("ws://", "wss://", "dns+ws://", "dns+wss://")):
+                raise ValueError(f"engine URL must be ws://, wss:// (or dns+ws://, dns+wss:// to resolve a name), got {url!r}")
         if len(set(urls)) != len(urls):
             raise ValueError("an engine URL is listed twice: one engine serves one call, so each must be distinct")
         return urls
@@ -227,7 +240,7 @@ class EnginePools:
         self._params = params
         self.pools: dict[tuple[str, ...], EnginePool] = {}
         if params is not None and params.urls:
-            self.pools[tuple(params.urls)] = EnginePool(params)
+            self.pools[tuple(params.urls)] = _new_pool(params)
 
     @classmethod
     def of(cls, urls: str) -> "EnginePools":
@@ -243,7 +256,7 @@ class EnginePools:
                     raise ValueError(f"engine URLs {', '.join(sorted(set(other) & set(key)))} are in two pools "
                                      "(engine.urls and a processor's url): one engine serves one call, so list each in one place")
             if key not in self.pools:
-                self.pools[key] = EnginePool(params)
+                self.pools[key] = _new_pool(params)
             return self.pools[key]
         if not self.pools:
             raise ValueError("no engine configured: set engine.urls (or PERSONAPLEX_URL), or the processor's url")
@@ -261,6 +274,21 @@ class EnginePools:
     def snapshot(self) -> list[dict]:
         return [row for pool in self.pools.values() for row in pool.snapshot()]
 
+    async def start(self) -> None:
+        """Connect the shared pools to their store (a process's own pool needs nothing)."""
+        for pool in self.pools.values():
+            if hasattr(pool, "start"):
+                await pool.start()
+
     async def close(self) -> None:
         for pool in self.pools.values():
             await pool.close()
+
+
+def _new_pool(params: PoolParams):
+    """The process's own pool, or with `lease_store` the fleet's, shared by every replica through Redis."""
+    if params.lease_store:
+        from processors.personaplex.shared_pool import SharedEnginePool
+
+        return SharedEnginePool(params, params.lease_store, lease_ttl_secs=params.lease_ttl_secs)
+    return EnginePool(params)

@@ -219,7 +219,7 @@ class PersonaPlexProcessor(FrameProcessor):
             self._machine = self._new_machine(url)
             try:
                 ws = await open_session(url, persona.voice_prompt, persona.text_prompt, machine=self._machine,
-                                        connect_timeout_secs=self._params.connect_timeout_secs,
+                                        connect_timeout_secs=self._params.connect_timeout_secs, token=self._engine.token,
                                         tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
             except EngineUnreachable as exc:
                 await self._engine_failed(str(exc))

@@ -25,6 +25,14 @@ class SessionRejected(Exception):
     """The engine closed the connection before its handshake: usually the prompts."""
 
 
+class EngineBusy(EngineUnreachable):
+    """The engine's guard refused the upgrade: it serves another session (503) or holds a newer lease (409)."""
+
+
+LEASE_TOKEN_HEADER = "X-Lease-Token"  # the lease's fencing token, for the guard in front of the engine (pipelines/guard.py)
+BUSY_STATUSES = (409, 503)
+
+
 def tls_context(url: str, verify: bool = False, ca_file: str | None = None) -> ssl.SSLContext | None:
     """PersonaPlex serves self-signed mkcert certificates, so verification is opt-in."""
     if not url.startswith("wss://"):
@@ -38,9 +46,10 @@ def tls_context(url: str, verify: bool = False, ca_file: str | None = None) -> s
 
 async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, timeout: float | None = None,
                        connect_timeout_secs: float = 5.0, tls: ssl.SSLContext | None = None,
-                       machine: SessionMachine | None = None):
+                       machine: SessionMachine | None = None, token: int | None = None):
     """A connection past its handshake, ready for audio. `machine` (the processor's, which goes on to
-    stream the call through it) or `timeout` (a bare one, for a probe) bounds connect plus handshake."""
+    stream the call through it) or `timeout` (a bare one, for a probe) bounds connect plus handshake.
+    `token`: the lease's fencing token, sent to the engine's guard."""
     if machine is None:
         if timeout is None:
             raise TypeError("open_session needs a timeout or a machine")
@@ -52,7 +61,14 @@ async def open_session(base_url: str, voice_prompt: str, text_prompt: str, *, ti
             url, ssl=tls if tls is not None else tls_context(base_url),
             open_timeout=min(connect_timeout_secs, machine.handshake_timeout_secs), close_timeout=1.0, ping_interval=None,
             compression=None, max_size=None,
+            additional_headers={LEASE_TOKEN_HEADER: str(token)} if token is not None else None,
         )
+    except websockets.InvalidStatus as exc:
+        status = exc.response.status_code
+        if status in BUSY_STATUSES:
+            raise EngineBusy(f"{base_url}: its guard refused the session (HTTP {status}: "
+                             f"{'serving another' if status == 503 else 'a newer lease holds it'})") from None
+        raise EngineUnreachable(f"{base_url}: cannot connect: {exc}") from None
     except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
         what = "connecting timed out" if isinstance(exc, asyncio.TimeoutError) else f"cannot connect: {exc}"
         raise EngineUnreachable(f"{base_url}: {what}") from None

@@ -455,8 +455,12 @@ def test_pool_params_split_and_validate_urls():
     assert PoolParams(urls=None).urls == []
     with pytest.raises(ValidationError, match="listed twice"):
         PoolParams(urls="ws://a:1,ws://a:1")
-    with pytest.raises(ValidationError, match="ws:// or wss://"):
+    with pytest.raises(ValidationError, match="must be ws://, wss://"):
         PoolParams(urls=["http://a:1"])
+    assert PoolParams(urls="dns+ws://personaplex.ns.svc:8998").urls == ["dns+ws://personaplex.ns.svc:8998"]
+    assert PoolParams(lease_store="").lease_store is None  # ${LEASE_STORE:-} unset: the process's own pool
+    with pytest.raises(ValidationError, match="redis://"):
+        PoolParams(lease_store="localhost:6379")
     with pytest.raises(ValueError, match="at least one"):
         EnginePool(PoolParams())
 

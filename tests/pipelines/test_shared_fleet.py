@@ -1,0 +1,107 @@
+"""Two bridge replicas share one engine fleet through a real redis-server; each engine sits behind its guard.
+
+Every call is a real Exotel call over loopback; the guards say how many sessions each engine served
+and whether one was ever refused, so a double booking cannot hide."""
+
+import asyncio
+import textwrap
+from contextlib import AsyncExitStack
+
+import numpy as np
+
+from pipelines import builder, config
+from pipelines.guard import Guard
+from pipelines.server import CallServer
+from pipelines.sim.caller import place_call
+from pipelines.sim.engine.reference import EngineOptions, ReferenceEngine
+from tests.pipelines.served import until
+
+RATE = 8000
+
+DEPLOYMENT = """\
+server: {{media_timeout_secs: 5}}
+transport: {{type: exotel, params: {{path: /exotel}}}}
+engine: {{urls: "{urls}", lease_store: "{store}", lease_ttl_secs: 2, wait_secs: 15}}
+processors:
+  - type: resample
+    params: {{audio: input, rate: 24000}}
+  - type: personaplex
+  - type: resample
+    params: {{audio: output, rate: call}}
+  - type: pacer
+"""
+
+
+async def test_two_replicas_never_double_book_an_engine_and_serve_every_caller(tmp_path, redis_server):
+    async with AsyncExitStack() as stack:
+        guards = []
+        for _ in range(2):
+            engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
+            upstream = await engine.start()
+            stack.push_async_callback(engine.stop)
+            guard = Guard(upstream, capacity=1)
+            url = await guard.start()
+            stack.push_async_callback(guard.stop)
+            guards.append((guard, url))
+        path = tmp_path / "replica.yaml"
+        path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=",".join(u for _, u in guards), store=redis_server.url)))
+        servers = []
+        for _ in range(2):  # two replicas of one deployment, as behind a load balancer
+            plan = builder.plan(config.load(path, {}))
+            server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
+            await server.start()
+            stack.push_async_callback(server.stop)
+            servers.append(server)
+        # six callers 0.3 s apart, alternating replicas, on two engines: four wait their turn, and each
+        # stays on the line long enough for the engine of the call two places ahead to come free
+        async def caller(i: int):
+            await asyncio.sleep(0.3 * i)
+            secs = 2.0 + 2.2 * i
+            return await place_call(f"ws://127.0.0.1:{servers[i % 2].port}/exotel", np.zeros(round(secs * RATE), np.int16), RATE,
+                                    seconds=secs)
+
+        results = await asyncio.gather(*(caller(i) for i in range(6)))
+        await until(lambda: not any(s.calls for s in servers), 20)
+        outcomes = [c["outcome"] for s in servers for c in s.recent]
+        tokens = [row["token"] for s in servers for row in s.engines.snapshot()]
+    assert outcomes == ["completed"] * 6 and all(r.violations == [] for r in results)
+    # each guard admitted its engine's sessions one at a time and never had to refuse one
+    assert sum(g.stats.admitted for g, _ in guards) == 6
+    assert all(g.stats.refused_busy == 0 and g.stats.refused_token == 0 for g, _ in guards)
+    assert all(g.stats.highest_token and g.stats.highest_token > 0 for g, _ in guards)  # every session came with its lease's token
+    assert all(t is None or t > 0 for t in tokens)
+
+
+async def test_without_shared_leases_the_guard_still_keeps_an_engine_to_one_call(tmp_path):
+    """Two bridges that do not share leases (a misconfiguration) point at one engine: the guard refuses
+    the second session before the upgrade, that bridge takes the engine out of its rotation, its
+    caller hears the apology, and the first call goes on untouched."""
+    async with AsyncExitStack() as stack:
+        engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
+        upstream = await engine.start()
+        stack.push_async_callback(engine.stop)
+        guard = Guard(upstream, capacity=1)
+        url = await guard.start()
+        stack.push_async_callback(guard.stop)
+        path = tmp_path / "alone.yaml"
+        path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=url, store="")))
+        servers = []
+        for _ in range(2):
+            plan = builder.plan(config.load(path, {}))
+            server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
+            await server.start()
+            stack.push_async_callback(server.stop)
+            servers.append(server)
+
+        async def second():
+            await asyncio.sleep(1.0)
+            return await place_call(f"ws://127.0.0.1:{servers[1].port}/exotel", np.zeros(4 * RATE, np.int16), RATE, seconds=4.0)
+
+        first, late = await asyncio.gather(
+            place_call(f"ws://127.0.0.1:{servers[0].port}/exotel", np.zeros(6 * RATE, np.int16), RATE, seconds=6.0), second())
+        await until(lambda: not any(s.calls for s in servers), 20)
+        [one], [two] = servers[0].recent, servers[1].recent
+    assert one["outcome"] == "completed" and first.violations == []
+    assert two["outcome"] in ("engine_failed", "no_engine") and late.server_closed_at is not None  # the apology, then a clean end
+    # the refused bridge probes the engine later (retry_secs): once the first call is over, that probe is admitted
+    assert guard.stats.refused_busy == 1 and guard.stats.admitted in (1, 2) and guard.stats.active == 0
