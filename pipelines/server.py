@@ -236,8 +236,9 @@ class CallServer:
     def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if not self.engines.available:
-            return False, "no engine in rotation"
+        why = self.engines.problem()
+        if why:
+            return False, why
         return True, "ready"
 
     async def _readyz(self, request: web.Request) -> web.Response:

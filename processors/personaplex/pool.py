@@ -274,6 +274,14 @@ class EnginePools:
     def snapshot(self) -> list[dict]:
         return [row for pool in self.pools.values() for row in pool.snapshot()]
 
+    def problem(self) -> str | None:
+        """Why not every pool can serve a call now (a shared pool's store unreachable, no engine in rotation)."""
+        for pool in self.pools.values():
+            why = getattr(pool, "problem", None if pool.available else "no engine in rotation")
+            if why:
+                return why
+        return None
+
     async def start(self) -> None:
         """Connect the shared pools to their store (a process's own pool needs nothing)."""
         for pool in self.pools.values():

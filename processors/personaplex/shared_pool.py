@@ -221,6 +221,13 @@ class SharedEnginePool:
         return sum(e.state is state for e in self.engines)
 
     @property
+    def problem(self) -> str | None:
+        """Why calls cannot be served from this fleet now, for /readyz; None when they can."""
+        if not self._store_ok:
+            return f"lease store {self._store} unreachable"
+        return None if self.available else "no engine in rotation"
+
+    @property
     def available(self) -> bool:
         """Redis answers and at least one engine is in rotation fleet-wide: what readiness reports."""
         return self._store_ok and self.count(State.DOWN) < self.size

@@ -10,11 +10,12 @@ from contextlib import AsyncExitStack
 import numpy as np
 
 from pipelines import builder, config
+from pipelines.bench.launch import free_port
 from pipelines.guard import Guard
 from pipelines.server import CallServer
 from pipelines.sim.caller import place_call
 from pipelines.sim.engine.reference import EngineOptions, ReferenceEngine
-from tests.pipelines.served import until
+from tests.pipelines.served import fetch, rms, until, variant_config
 
 RATE = 8000
 
@@ -105,3 +106,25 @@ async def test_without_shared_leases_the_guard_still_keeps_an_engine_to_one_call
     assert two["outcome"] in ("engine_failed", "no_engine") and late.server_closed_at is not None  # the apology, then a clean end
     # the refused bridge probes the engine later (retry_secs): once the first call is over, that probe is admitted
     assert guard.stats.refused_busy == 1 and guard.stats.admitted in (1, 2) and guard.stats.active == 0
+
+
+async def test_redis_unreachable_is_said_by_readyz_and_callers_hear_the_apology(tmp_path):
+    """The lease store is down from the start: the bridge still serves (holding clip, then the apology,
+    then a clean hang-up), /readyz says why, and nothing waits past engine.wait_secs."""
+    async with AsyncExitStack() as stack:
+        engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
+        url = await engine.start()
+        stack.push_async_callback(engine.stop)
+        dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        path = variant_config(tmp_path, "exotel.yaml", engine={"urls": url, "lease_store": dead, "wait_secs": 2})
+        plan = builder.plan(config.load(path, {}))
+        server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        status, body = await asyncio.to_thread(fetch, server.port, "/readyz")
+        result = await place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(12 * RATE, np.int16), RATE, seconds=12.0)
+        await until(lambda: not server.calls, 10)
+        [call] = server.recent
+    assert status == 503 and "lease store redis://127.0.0.1:" in body and "unreachable" in body
+    assert call["outcome"] in ("no_engine", "engine_failed") and result.server_closed_at is not None and result.server_closed_at < 11
+    assert rms(result.heard) > 300  # the greeting and the apology were heard
