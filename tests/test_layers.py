@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("transports", "processors", "pipelines")
 RUNTIME = {"pipelines", "pipelines.builder", "pipelines.call_log", "pipelines.call_observer", "pipelines.caller_memory", "pipelines.events", "pipelines.config",
-           "pipelines.errors", "pipelines.extras", "pipelines.guard", "pipelines.metrics", "pipelines.records", "pipelines.registry",
+           "pipelines.deletion_cost", "pipelines.errors", "pipelines.extras", "pipelines.guard", "pipelines.metrics", "pipelines.records", "pipelines.registry",
            "pipelines.server"}
 # bottom to top; a module may import its own layer and those below
 LAYERS = ["transports", "processors", "runtime", "simulators", "report", "benchmarks", "entry"]
