@@ -20,7 +20,8 @@ from pipelines.config import CONFIG_DIR, LoadedConfig
 from pipelines.errors import did_you_mean, model_fields
 from pipelines.registry import ProcessorEntry, UnknownName, find_processor, find_transport
 from processors.errors import ParamsError
-from processors.personaplex.pool import EnginePools, PoolParams
+from processors.personaplex.pool import PoolParams
+from processors.personaplex.pools import EnginePools
 from processors.pipecat_adapter import observe_inline
 from transports.frames import CallInfo
 

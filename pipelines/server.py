@@ -37,10 +37,11 @@ from pipelines.builder import DeploymentPlan, new_call_processors, new_call_work
 from pipelines.call_log import DRAIN_REASON, CallLog
 from pipelines.call_observer import CallObserver
 from pipelines.caller_memory import CallerMemory, prompt_note
+from pipelines.deletion_cost import DeletionCost
 from pipelines.events import EventSink
 from pipelines.metrics import Metrics
 from pipelines.records import RETENTION_EVERY_SECS, Retention
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 from transports.base import HttpRequest
 from transports.call_input import read_call
 from transports.call_output import CallOutput
@@ -112,6 +113,7 @@ class CallServer:
         self.events = EventSink(cfg.events, deployment=deployment.loaded.path.stem)
         self.memory = CallerMemory(cfg.caller_memory) if cfg.caller_memory.dir else None
         self._memory_prune: asyncio.Task | None = None
+        self._deletion_cost: DeletionCost | None = None  # on Kubernetes: scale-down removes the pods with fewest calls
         self._lag_watch: asyncio.Task | None = None
 
     async def start(self):
@@ -135,6 +137,9 @@ class CallServer:
         self._retention.start()
         await self.engines.start()
         await self.events.start()
+        self._deletion_cost = DeletionCost.from_environment(lambda: len(self.calls))
+        if self._deletion_cost is not None:
+            await self._deletion_cost.start()
         if self.memory is not None:
             self._memory_prune = asyncio.create_task(self._prune_memory(), name="caller-memory-prune")
         self._lag_watch = asyncio.create_task(self.metrics.watch_loop(), name="loop-lag")
@@ -168,6 +173,8 @@ class CallServer:
             await self._ops_runner.cleanup()
         await self._retention.stop()
         await self.events.stop()
+        if self._deletion_cost is not None:
+            await self._deletion_cost.stop()
         for task in (self._lag_watch, self._memory_prune):
             if task:
                 task.cancel()

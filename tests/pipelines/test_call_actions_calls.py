@@ -18,7 +18,7 @@ from pipelines.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from pipelines.server import CallServer
 from pipelines.sim.caller import Dtmf, place_call
 from pipelines.sim.engine.reference import EngineOptions
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 from tests.pipelines.served import rms, until
 from tests.pipelines.test_hostile_identity import RecordingEngine
 

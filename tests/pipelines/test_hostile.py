@@ -14,7 +14,7 @@ from loguru import logger
 from pipelines import builder, config
 from pipelines.server import CallServer
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 
 DEPLOYMENT = """
 server: {header_timeout_secs: 1.0, send_timeout_secs: 1.0, media_timeout_secs: 1.0}

@@ -27,7 +27,7 @@ from pipelines import builder, config
 from pipelines.cli import LOG_FORMAT, one_line
 from pipelines.server import CallServer
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 from tests.pipelines.test_hostile import gone
 
 TOKEN = "hostile-test-token"

@@ -15,7 +15,7 @@ import pytest
 from pipelines import builder, config
 from pipelines.metrics import Metrics
 from pipelines.server import CallServer
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 from tests.pipelines.served import metric
 
 DEPLOYMENT = """\

@@ -12,7 +12,7 @@ from pipelines import builder, config
 from pipelines.server import CallServer
 from pipelines.sim.caller import place_call
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 from tests.pipelines.served import until
 
 RATE = 8000

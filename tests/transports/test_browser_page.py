@@ -27,7 +27,7 @@ from pipelines.server import CallServer
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
 from pipelines.sim.speech import FIXTURES
 from processors.audio import read_wav, write_wav
-from processors.personaplex.pool import EnginePools
+from processors.personaplex.pools import EnginePools
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = [

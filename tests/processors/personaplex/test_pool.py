@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from pipelines.bench.launch import free_port, free_ports
 from pipelines.sim.engine import EngineOptions, ReferenceEngine
-from processors.personaplex.pool import EnginePool, EnginePools, NoEngine, PoolParams, State
+from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
+from processors.personaplex.pools import EnginePools
 from processors.personaplex.processor import PersonaPlexParams, PersonaPlexProcessor
 from processors.personaplex.session import EngineUnreachable, open_session
 from transports.frames import CallInfo, EngineEventFrame
