@@ -29,6 +29,16 @@ class RedisServer:
     def __init__(self, directory: str):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self._launch()
+
+    def restart(self) -> None:
+        """Killed and started again on the same port, empty: what a Redis restart without persistence looks like."""
+        self.stop()
+        self._launch()
+
+    def _launch(self) -> None:
+        directory = self.directory
         self.proc = subprocess.Popen(["redis-server", "--save", "", "--appendonly", "no", "--port", str(self.port), "--bind", "127.0.0.1",
                                       "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

@@ -197,7 +197,8 @@ class SharedEnginePool:
         self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
         self._store = _redacted(store_url)
         self._redis = aioredis.Redis.from_url(store_url, decode_responses=True, socket_timeout=STORE_TIMEOUT_SECS,
-                                              socket_connect_timeout=STORE_TIMEOUT_SECS, retry=Retry(NoBackoff(), 0))
+                                              socket_connect_timeout=STORE_TIMEOUT_SECS, retry=Retry(NoBackoff(), 1))
+        # retried once: a restarted Redis leaves every pooled connection dead, and the first command on each fails
         s = self._redis.register_script
         self._acquire, self._leave, self._renew = s(_ACQUIRE), s(_LEAVE), s(_RENEW)
         self._release, self._mark_down, self._probe_lock, self._probe_done = s(_RELEASE), s(_MARK_DOWN), s(_PROBE_LOCK), s(_PROBE_DONE)

@@ -166,3 +166,51 @@ async def test_a_bridge_killed_mid_call_gives_its_engine_back_within_the_lease_t
     print(f"engine handed over {handed_over:.2f} s after the kill (lease_ttl_secs 2)")
     assert b.recent[-1]["outcome"] == "completed" and second.violations == []
     assert guard.stats.refused_busy == 0
+
+
+async def test_calls_go_on_through_a_redis_flush_and_restart_and_new_leases_stay_fenced(tmp_path, redis_server):
+    """Redis loses everything twice mid-call (FLUSHALL, then a restart without persistence). The calls
+    in flight keep their engine sockets and finish; calls placed afterwards lease again. The emptied
+    store no longer knows the in-flight call's engine is taken, so a new lease may land on it: its
+    guard refuses that session (503), the bridge tries the other engine, and no engine ever serves
+    two. New tokens stay above what the guards admitted before (seeded from Redis's clock): no lease
+    is refused as stale."""
+    import redis.asyncio as aioredis
+
+    async with AsyncExitStack() as stack:
+        guards = []
+        for _ in range(2):
+            engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
+            upstream = await engine.start()
+            stack.push_async_callback(engine.stop)
+            guard = Guard(upstream, capacity=1)
+            guards.append((guard, await guard.start()))
+            stack.push_async_callback(guard.stop)
+        path = tmp_path / "replica.yaml"
+        path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=",".join(u for _, u in guards), store=redis_server.url)))
+        servers = []
+        for _ in range(2):
+            plan = builder.plan(config.load(path, {}))
+            server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
+            await server.start()
+            stack.push_async_callback(server.stop)
+            servers.append(server)
+
+        def call(replica: int, secs: float):
+            return asyncio.create_task(place_call(f"ws://127.0.0.1:{servers[replica].port}/exotel", np.zeros(round(secs * RATE), np.int16),
+                                                  RATE, seconds=secs))
+
+        in_flight = call(0, 8.0)
+        await until(lambda: sum(g.stats.active for g, _ in guards) == 1, 10)
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushall()
+        await client.aclose()
+        after_flush = call(1, 3.0)  # the other engine is free: leased again from an empty store
+        await after_flush
+        redis_server.restart()
+        after_restart = call(1, 3.0)
+        results = [await in_flight, await after_flush, await after_restart]
+        await until(lambda: not any(s.calls for s in servers), 15)
+        outcomes = sorted(c["outcome"] for s in servers for c in s.recent)
+    assert outcomes == ["completed"] * 3 and all(r.violations == [] for r in results)
+    assert sum(g.stats.admitted for g, _ in guards) == 3 and all(g.stats.refused_token == 0 for g, _ in guards)

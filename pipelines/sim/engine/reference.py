@@ -132,6 +132,7 @@ class EngineStats:
     rejected: int = 0
     sessions_started: int = 0
     sessions_active: int = 0
+    connections_peak: int = 0  # most connections open at once (one engine, one call: 1; more is a double booking)
     handshakes: int = 0
     messages_eaten_before_handshake: int = 0
     frames_in: int = 0
@@ -222,6 +223,7 @@ class ReferenceEngine:
         self._slots = asyncio.Semaphore(self.options.sessions)
         app = web.Application()
         app.router.add_get("/api/chat", self._chat)
+        app.router.add_get("/stats", lambda request: web.json_response(self.stats.as_dict()))
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
@@ -261,6 +263,7 @@ class ReferenceEngine:
             _abort(request)
             return ws
         self._sockets.add(ws)
+        self.stats.connections_peak = max(self.stats.connections_peak, len(self._sockets))
         try:
             assert self._slots is not None
             async with self._slots:  # the real lock does not notice a queued client leaving
