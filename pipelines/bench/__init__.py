@@ -94,9 +94,15 @@ def _bench_guard(args) -> int:
     return bench_guard(args)
 
 
+def _bench_cluster(args) -> int:
+    from pipelines.bench.cluster import bench_cluster
+
+    return bench_cluster(args)
+
+
 BENCHES = {"resample": bench_resample, "vad": _bench_vad, "conversation": _bench_conversation, "load": _bench_load,
            "soak": _bench_soak, "scenarios": _bench_scenarios, "stall": _bench_stall, "hops": _bench_hops,
-           "guard": _bench_guard}
+           "guard": _bench_guard, "cluster": _bench_cluster}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("resample", help=bench_resample.__doc__, description=bench_resample.__doc__)
     p.add_argument("--seconds", type=float, default=10.0, help="audio streamed per pair")
     p.add_argument("--quality", nargs="+", default=["VHQ", "HQ", "MQ", "LQ", "QQ"])
+    from pipelines.bench.cluster import add_parser as add_cluster_parser
     from pipelines.bench.conversation import add_parser as add_conversation_parser
     from pipelines.bench.guard import add_parser as add_guard_parser
     from pipelines.bench.hops import add_parser as add_hops_parser
@@ -127,5 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     add_stall_parser(sub)
     add_hops_parser(sub)
     add_guard_parser(sub)
+    add_cluster_parser(sub)
     args = top.parse_args(argv)
     return BENCHES[args.name](args)
