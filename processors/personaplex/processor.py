@@ -30,10 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from processors.personaplex.pool import EnginePool, NoEngine, PoolParams, State
 from processors.personaplex.protocol import MODEL_RATE, Audio, Event, Failed, Phase, SessionMachine, TextPiece
-from processors.personaplex.session import EngineUnreachable, SessionRejected, open_session, tls_context
+from processors.personaplex.session import EngineBusy, EngineUnreachable, SessionRejected, open_session, tls_context
 from processors.personaplex.uplink import OpusUplinkWriter
 from transports.frames import EngineEvent, EngineEventFrame, EngineFailedFrame, PersonaSwitchFrame, call_of
 
+BUSY_RETRY_SECS = 0.5  # after a guard's "busy", before the next lease: the store catches up within a renewal
 DEFAULT_TEXT_PROMPT = "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 
 
@@ -221,6 +222,15 @@ class PersonaPlexProcessor(FrameProcessor):
                 ws = await open_session(url, persona.voice_prompt, persona.text_prompt, machine=self._machine,
                                         connect_timeout_secs=self._params.connect_timeout_secs, token=self._engine.token,
                                         tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
+            except EngineBusy as exc:
+                # Its guard serves another session (a lease the store forgot, or a bridge that shares no
+                # leases): busy, not broken. Give it back and take the next; a released engine goes last.
+                self._pool.release(self._engine)
+                self._engine = None
+                await self._event(EngineEvent.RELEASED, url=url)
+                logger.warning(f"call {self._call_id}: {exc}; trying another engine")
+                await asyncio.sleep(BUSY_RETRY_SECS)
+                continue
             except EngineUnreachable as exc:
                 await self._engine_failed(str(exc))
                 logger.warning(f"call {self._call_id}: {exc}; trying another engine")

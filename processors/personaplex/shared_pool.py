@@ -7,7 +7,8 @@ Keys (P = `prefix`; URL = an engine URL; POOL = a digest of the pool's sorted UR
   P:cap                 hash URL -> sessions the engine serves at once (1 for PersonaPlex), written by start()
   P:lease:URL:SLOT      "TOKEN|HOLDER|CALL_ID", PX lease_ttl: a slot is free when the key is absent, so a
                         holder that dies frees it within the TTL; renewed (PEXPIRE) every ttl/3 only while the
-                        value still names this holder and token, released by compare-and-delete (idempotent)
+                        value still names this holder and token (written back if the slot is empty), released by
+                        compare-and-delete (idempotent)
   P:token:URL           the fencing token, INCR per lease; first seeded from Redis's clock in ms, so it keeps
                         growing after a Redis restart or FLUSHALL wiped it (unless > 1000 leases/s)
   P:lru  P:seq          hash URL -> release sequence: the least recently released free engine is leased first
@@ -26,9 +27,12 @@ engine down and engine back publishes on P:wake, and each replica's one subscrib
 refreshes the waiter's heartbeat. Only a waiter's own script grants it a lease, so timing out or being
 cancelled cannot strand one; a script answer that arrives after the caller left is released.
 
-Renewal: one task per pool renews all its leases every ttl/3 in one script. A lease found gone (expired
-during a stall or a Redis outage, flushed) is not retaken: its Lease.lost event is set and an error logged;
-the call decides (the engine may already serve another call, whose token is larger).
+Renewal: one task per pool renews all its leases every ttl/3 in one script. A slot found empty (Redis
+flushed or restarted without persistence, or the lease expired during a stall) is claimed back with the
+same value, so the store learns again which engines are taken; a lease taken over by another holder is
+lost: its Lease.lost event is set and an error logged, and the call decides (its session stays up; the
+engine's guard refuses the newer holder while it lasts). Until the claim-back, a new lease may land on a
+taken engine: its guard answers 503, and the bridge gives it back and takes the next (EngineBusy).
 
 Health: failed() marks the engine down fleet-wide (and frees the failed lease) in one script; each
 replica's watcher sees down engines every 250 ms and the one whose SET NX wins the probe lock probes.
@@ -117,15 +121,21 @@ return 1
 _RENEW = """
 local out = {}
 for i, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[i + 1] then
+  local held = redis.call('GET', k)
+  if held == ARGV[i + 1] then
     redis.call('PEXPIRE', k, ARGV[1])
     out[i] = 1
+  elseif not held then
+    redis.call('SET', k, ARGV[i + 1], 'PX', ARGV[1])
+    out[i] = 2
   else
     out[i] = 0
   end
 end
 return out
 """
+# 2: the slot's key was gone (Redis flushed or restarted without persistence) and is claimed back, so the
+# store learns again which engines are taken; only another holder's value in the slot means a lost lease.
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -421,6 +431,10 @@ class SharedEnginePool:
                 self._outage(exc)
                 continue
             self._store_back()
+            reclaimed = sum(ok == 2 for ok in kept)
+            if reclaimed:
+                self.stats["reclaimed"] = self.stats.get("reclaimed", 0) + reclaimed
+                logger.warning(f"engine pool store {self._store} had forgotten {reclaimed} of this replica's leases; claimed back")
             for lease, ok in zip(leases, kept):
                 if not ok and lease in self._held:
                     self._held.discard(lease)

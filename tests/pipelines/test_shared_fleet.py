@@ -75,8 +75,8 @@ async def test_two_replicas_never_double_book_an_engine_and_serve_every_caller(t
 
 async def test_without_shared_leases_the_guard_still_keeps_an_engine_to_one_call(tmp_path):
     """Two bridges that do not share leases (a misconfiguration) point at one engine: the guard refuses
-    the second session before the upgrade, that bridge takes the engine out of its rotation, its
-    caller hears the apology, and the first call goes on untouched."""
+    the second bridge's sessions before the upgrade (busy, not broken: it tries again), its caller
+    hears only the holding clips, and the first call goes on untouched."""
     async with AsyncExitStack() as stack:
         engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
         upstream = await engine.start()
@@ -102,10 +102,9 @@ async def test_without_shared_leases_the_guard_still_keeps_an_engine_to_one_call
             place_call(f"ws://127.0.0.1:{servers[0].port}/exotel", np.zeros(6 * RATE, np.int16), RATE, seconds=6.0), second())
         await until(lambda: not any(s.calls for s in servers), 20)
         [one], [two] = servers[0].recent, servers[1].recent
-    assert one["outcome"] == "completed" and first.violations == []
-    assert two["outcome"] in ("engine_failed", "no_engine") and late.server_closed_at is not None  # the apology, then a clean end
-    # the refused bridge probes the engine later (retry_secs): once the first call is over, that probe is admitted
-    assert guard.stats.refused_busy == 1 and guard.stats.admitted in (1, 2) and guard.stats.active == 0
+    assert one["outcome"] == "completed" and first.violations == [] and late.violations == []
+    assert two["stats"]["personaplex"]["pages_received"] == 0  # the second caller never reached the engine
+    assert guard.stats.refused_busy >= 1 and guard.stats.admitted == 1 and guard.stats.active == 0
 
 
 async def test_redis_unreachable_is_said_by_readyz_and_callers_hear_the_apology(tmp_path):
