@@ -159,7 +159,7 @@ def test_an_engine_listed_twice_fails_at_start_up_with_its_line(tmp_path):
     assert info.value.line == 14 and "processors[1].params.url" in str(info.value) and "two pools" in str(info.value)
 
 
-@pytest.mark.parametrize("urls, problem", [("wss://a:1,wss://a:1", "listed twice"), ("http://a:1", "ws:// or wss://")])
+@pytest.mark.parametrize("urls, problem", [("wss://a:1,wss://a:1", "listed twice"), ("http://a:1", "must be ws://, wss://")])
 def test_bad_engine_urls_name_the_key(tmp_path, urls, problem):
     err = error_of(write(tmp_path, GOOD), {"PERSONAPLEX_URL": urls})
     assert err.line == 8 and "engine.urls" in str(err) and problem in str(err)
