@@ -38,8 +38,6 @@ import datetime
 import math
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +48,7 @@ import numpy as np
 
 from pipelines.bench.fleet import RATE, bench_env, script_options
 from pipelines.bench.harness import command_argv, guarded, machine_lines, table, write_json
-from pipelines.bench.launch import free_port, free_ports, launched, run_command
+from pipelines.bench.launch import RedisServer, free_port, free_ports, launched, run_command
 from pipelines.bench.servers import engine_command, engine_launched, keep_log, our_yaml
 from pipelines.config import CONFIG_DIR
 
@@ -91,44 +89,9 @@ def bench_cluster(args) -> int:
 # ---- processes -----------------------------------------------------------------------------------
 
 
-class Redis:
-    """A redis-server on `port`, no persistence; kill() and start() again on the same port."""
-
-    def __init__(self, port: int, work: Path):
-        self.port, self.work, self.proc = port, work, None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        log = open(self.work / "redis.log", "a")
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.work)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while not self.pong():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start (see {self.work / 'redis.log'})")
-            time.sleep(0.02)
-
-    def pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @dataclass
 class Cluster:
-    redis: Redis
+    redis: RedisServer
     guard_ports: list[int]
     engine_ports: list[int]
     bridges: list  # Launched, one per bridge
@@ -155,7 +118,7 @@ def cluster(args, work: Path, wait_secs: float):
     env = bench_env()
     if not shutil.which("redis-server"):
         raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
-    redis = Redis(free_port(), work)
+    redis = RedisServer(free_port(), work)
     redis.start()
     try:
         with contextlib.ExitStack() as stack:
@@ -183,7 +146,7 @@ def cluster(args, work: Path, wait_secs: float):
                 records.append(d / "records")
             yield Cluster(redis, guard_ports, engine_ports, bridges, records, [True] * args.bridges)
     finally:
-        redis.kill()
+        redis.stop()
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -262,7 +225,7 @@ async def drive(args, c: Cluster, plan: Plan) -> tuple[list[Dialled], list[dict]
 
     async def restart_redis(at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.time()))
-        c.redis.kill()
+        c.redis.stop()
         chaos["redis_kill"] = time.time()
         await asyncio.to_thread(c.redis.start)
         chaos["redis_back"] = time.time()

@@ -80,3 +80,43 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class RedisServer:
+    """A redis-server on `port` in `work` (no persistence, its log in work/redis.log): stop() kills it,
+    start() again comes back empty on the same port, as a Redis restart without persistence does."""
+
+    def __init__(self, port: int, work: Path):
+        self.port, self.work, self.proc = port, Path(work), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        with open(self.work / "redis.log", "a") as log:
+            self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--dir", str(self.work)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.pong():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start (see {self.work / 'redis.log'})")
+            time.sleep(0.02)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -148,14 +148,7 @@ class PersonaPlexProcessor(FrameProcessor):
         persona = self._persona
         if self._session_task is None or self._closing or self._failed:
             return  # no session yet: the first one opens with this persona
-        for task in (self._watchdog_task, self._session_task):  # cancelled first: this close is no failure
-            if task and not task.done():
-                await self.cancel_task(task)
-        if self._ws is not None:
-            await self._ws.close()
-        if self._machine is not None:
-            self._machine.close()
-        self._ws = self._machine = None
+        await self._end_session()  # the engine stays leased to this call
         self.stats["persona_switches"] = self.stats.get("persona_switches", 0) + 1
         self._session_task = self.create_task(self._run_session(persona), name=f"personaplex-{self._call_id}")
 
@@ -298,6 +291,15 @@ class PersonaPlexProcessor(FrameProcessor):
         if self._closing:
             return
         self._closing = True
+        await self._end_session()
+        if self._engine is not None:
+            self._pool.release(self._engine)
+            await self._event(EngineEvent.RELEASED, url=self._engine.url)
+            self._engine = None
+
+
+    async def _end_session(self):
+        """Stop the session's tasks (first, so that this close reads as no failure), close its socket and machine."""
         current = asyncio.current_task()
         for task in (self._watchdog_task, self._session_task):
             if task and task is not current and not task.done():
@@ -306,10 +308,7 @@ class PersonaPlexProcessor(FrameProcessor):
             await self._ws.close()
         if self._machine is not None:
             self._machine.close()  # frees the encoder (and PyAV's two libopus threads) now, not at some later GC
-        if self._engine is not None:
-            self._pool.release(self._engine)
-            await self._event(EngineEvent.RELEASED, url=self._engine.url)
-            self._engine = None
+        self._ws = self._machine = None
 
 
 def _ms(since: float) -> int:

@@ -12,15 +12,12 @@ import pytest
 import yaml
 from aiohttp import web
 
-from pipelines import builder, config
 from pipelines.config import CONFIG_DIR
 from pipelines.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from pipelines.server import CallServer
 from pipelines.sim.caller import Dtmf, place_call
 from pipelines.sim.engine.reference import EngineOptions
-from processors.personaplex.pools import EnginePools
 from tests.pipelines.served import rms, until
-from tests.pipelines.test_hostile_identity import RecordingEngine
+from tests.pipelines.test_hostile_identity import serving_file
 
 RATE = 8000
 SECRET = "webhook-secret"
@@ -94,17 +91,8 @@ def deployment(tmp_path, api: LocalApi, provider: str = "exotel", **rules) -> st
     return str(path)
 
 
-@asynccontextmanager
-async def serving(path: str):
-    engine = RecordingEngine(EngineOptions(mode="converse", handshake_delay_secs=0.3))
-    url = await engine.start()
-    server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(url), "127.0.0.1", 0)
-    await server.start()
-    try:
-        yield server, engine
-    finally:
-        await server.stop()
-        await engine.stop()
+def serving(path: str):
+    return serving_file(path, EngineOptions(mode="converse", handshake_delay_secs=0.3))
 
 
 def record(tmp_path) -> list[dict]:

@@ -70,7 +70,14 @@ class RecordingEngine(ReferenceEngine):
 async def serving(tmp_path, deployment: str, records: str = "records"):
     path = tmp_path / "deploy.yaml"
     path.write_text(textwrap.dedent(deployment).replace("RECORDS", str(tmp_path / records)))
-    engine = RecordingEngine(EngineOptions(mode="echo", handshake_delay_secs=0.1))
+    async with serving_file(path, EngineOptions(mode="echo", handshake_delay_secs=0.1)) as served:
+        yield served
+
+
+@asynccontextmanager
+async def serving_file(path, options: EngineOptions):
+    """The deployment file served in-process, its engine a RecordingEngine: (server, engine)."""
+    engine = RecordingEngine(options)
     url = await engine.start()
     server = CallServer(builder.plan(config.load(path, {})), EnginePools.of(url), "127.0.0.1", 0)
     await server.start()

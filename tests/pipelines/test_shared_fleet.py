@@ -33,26 +33,41 @@ processors:
 """
 
 
+async def echo_engine(stack: AsyncExitStack) -> str:
+    engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
+    url = await engine.start()
+    stack.push_async_callback(engine.stop)
+    return url
+
+
+async def guarded_engines(stack: AsyncExitStack, n: int) -> list[tuple[Guard, str]]:
+    """`n` reference engines, each behind a guard of capacity 1: (guard, the URL the bridges dial)."""
+    guards = []
+    for _ in range(n):
+        guard = Guard(await echo_engine(stack), capacity=1)
+        guards.append((guard, await guard.start()))
+        stack.push_async_callback(guard.stop)
+    return guards
+
+
+async def bridges(stack: AsyncExitStack, path, n: int) -> list[CallServer]:
+    """`n` replicas of one deployment file, as behind a load balancer, each with its own engine pools."""
+    servers = []
+    for _ in range(n):
+        plan = builder.plan(config.load(path, {}))
+        server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        servers.append(server)
+    return servers
+
+
 async def test_two_replicas_never_double_book_an_engine_and_serve_every_caller(tmp_path, redis_server):
     async with AsyncExitStack() as stack:
-        guards = []
-        for _ in range(2):
-            engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
-            upstream = await engine.start()
-            stack.push_async_callback(engine.stop)
-            guard = Guard(upstream, capacity=1)
-            url = await guard.start()
-            stack.push_async_callback(guard.stop)
-            guards.append((guard, url))
+        guards = await guarded_engines(stack, 2)
         path = tmp_path / "replica.yaml"
         path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=",".join(u for _, u in guards), store=redis_server.url)))
-        servers = []
-        for _ in range(2):  # two replicas of one deployment, as behind a load balancer
-            plan = builder.plan(config.load(path, {}))
-            server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
-            await server.start()
-            stack.push_async_callback(server.stop)
-            servers.append(server)
+        servers = await bridges(stack, path, 2)
         # six callers 0.3 s apart, alternating replicas, on two engines: four wait their turn, and each
         # stays on the line long enough for the engine of the call two places ahead to come free
         async def caller(i: int):
@@ -78,21 +93,10 @@ async def test_without_shared_leases_the_guard_still_keeps_an_engine_to_one_call
     the second bridge's sessions before the upgrade (busy, not broken: it tries again), its caller
     hears only the holding clips, and the first call goes on untouched."""
     async with AsyncExitStack() as stack:
-        engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
-        upstream = await engine.start()
-        stack.push_async_callback(engine.stop)
-        guard = Guard(upstream, capacity=1)
-        url = await guard.start()
-        stack.push_async_callback(guard.stop)
+        [(guard, url)] = await guarded_engines(stack, 1)
         path = tmp_path / "alone.yaml"
         path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=url, store="")))
-        servers = []
-        for _ in range(2):
-            plan = builder.plan(config.load(path, {}))
-            server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
-            await server.start()
-            stack.push_async_callback(server.stop)
-            servers.append(server)
+        servers = await bridges(stack, path, 2)
 
         async def second():
             await asyncio.sleep(1.0)
@@ -111,15 +115,10 @@ async def test_redis_unreachable_is_said_by_readyz_and_callers_hear_the_apology(
     """The lease store is down from the start: the bridge still serves (holding clip, then the apology,
     then a clean hang-up), /readyz says why, and nothing waits past engine.wait_secs."""
     async with AsyncExitStack() as stack:
-        engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
-        url = await engine.start()
-        stack.push_async_callback(engine.stop)
+        url = await echo_engine(stack)
         dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
         path = variant_config(tmp_path, "exotel.yaml", engine={"urls": url, "lease_store": dead, "wait_secs": 2})
-        plan = builder.plan(config.load(path, {}))
-        server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
-        await server.start()
-        stack.push_async_callback(server.stop)
+        [server] = await bridges(stack, path, 1)
         status, body = await asyncio.to_thread(fetch, server.port, "/readyz")
         result = await place_call(f"ws://127.0.0.1:{server.port}/exotel", np.zeros(12 * RATE, np.int16), RATE, seconds=12.0)
         await until(lambda: not server.calls, 10)
@@ -134,18 +133,10 @@ async def test_a_bridge_killed_mid_call_gives_its_engine_back_within_the_lease_t
     close frame. Its lease expires (lease_ttl_secs 2) and its socket closes with the process, so
     bridge B's caller, waiting in the same fleet-wide queue, gets the engine within the TTL plus a second."""
     async with AsyncExitStack() as stack:
-        engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
-        upstream = await engine.start()
-        stack.push_async_callback(engine.stop)
-        guard = Guard(upstream, capacity=1)
-        url = await guard.start()
-        stack.push_async_callback(guard.stop)
+        [(guard, url)] = await guarded_engines(stack, 1)
         path = tmp_path / "replica.yaml"
         path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=url, store=redis_server.url)))
-        plan = builder.plan(config.load(path, {}))
-        b = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
-        await b.start()
-        stack.push_async_callback(b.stop)
+        [b] = await bridges(stack, path, 1)
         port = free_port()
         with launched(run_command(path, port), port) as a:
             first = asyncio.create_task(place_call(f"ws://127.0.0.1:{port}/exotel", np.zeros(30 * RATE, np.int16), RATE, seconds=30.0))
@@ -177,23 +168,10 @@ async def test_calls_go_on_through_a_redis_flush_and_restart_and_new_leases_stay
     import redis.asyncio as aioredis
 
     async with AsyncExitStack() as stack:
-        guards = []
-        for _ in range(2):
-            engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
-            upstream = await engine.start()
-            stack.push_async_callback(engine.stop)
-            guard = Guard(upstream, capacity=1)
-            guards.append((guard, await guard.start()))
-            stack.push_async_callback(guard.stop)
+        guards = await guarded_engines(stack, 2)
         path = tmp_path / "replica.yaml"
         path.write_text(textwrap.dedent(DEPLOYMENT.format(urls=",".join(u for _, u in guards), store=redis_server.url)))
-        servers = []
-        for _ in range(2):
-            plan = builder.plan(config.load(path, {}))
-            server = CallServer(plan, builder.engine_pools(plan, plan.loaded.config.engine), "127.0.0.1", 0)
-            await server.start()
-            stack.push_async_callback(server.stop)
-            servers.append(server)
+        servers = await bridges(stack, path, 2)
 
         def call(replica: int, secs: float):
             return asyncio.create_task(place_call(f"ws://127.0.0.1:{servers[replica].port}/exotel", np.zeros(round(secs * RATE), np.int16),
