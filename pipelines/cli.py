@@ -163,7 +163,6 @@ async def _start_engines(options, count: int):
 async def _serve(args) -> int:
     from pipelines.builder import engine_pools, uses_engine
     from pipelines.server import CallServer
-    from processors.personaplex.discovery import expand, is_dns
 
     _configure_logging()
     deployment = _load_plan(args.config)
@@ -175,9 +174,6 @@ async def _serve(args) -> int:
         urls = [e.url for e in local]
     elif args.engines:
         logger.warning(f"--engines {args.engines} ignored: engine.urls names the engines")
-    if any(is_dns(u) for u in urls):  # dns+ws://NAME: every engine the name resolves to, now
-        urls = await expand(urls)
-        logger.info(f"engine discovery: {len(urls)} engines")
     engines = engine_pools(deployment, cfg.engine.model_copy(update={"urls": urls}) if urls else None)
     try:
         server = CallServer(deployment, engines, args.host or cfg.server.host, args.port if args.port is not None else cfg.server.port)

@@ -41,7 +41,7 @@ async def resolve(url: str) -> list[str]:
     return [urlunsplit((scheme, f"{_host(a)}:{port}", parts.path, parts.query, "")) for a in addresses]
 
 
-async def expand(urls: list[str], last: dict[str, list[str]] | None = None) -> list[str]:
+async def expand(urls: list[str], last: dict[str, list[str]] | None = None, resolver=resolve) -> list[str]:
     """Static URLs as given, DNS entries resolved (the last good answer in `last`, updated in place, when
     resolution fails); one list without duplicates, in the order given."""
     last = {} if last is None else last
@@ -51,7 +51,7 @@ async def expand(urls: list[str], last: dict[str, list[str]] | None = None) -> l
             out.append(url)
             continue
         try:
-            last[url] = await resolve(url)
+            last[url] = await resolver(url)
         except OSError as exc:
             logger.warning(f"engine discovery: {url} did not resolve ({exc}); keeping its {len(last.get(url, []))} known engines")
         out += last.get(url, [])
@@ -59,10 +59,13 @@ async def expand(urls: list[str], last: dict[str, list[str]] | None = None) -> l
 
 
 class Discovery:
-    """Re-resolves the DNS entries of `urls` every `every_secs` and calls `on_change(urls)` when the list changes."""
+    """Re-resolves the DNS entries of `urls` every `every_secs` and calls `on_change(urls)` when the list changes.
 
-    def __init__(self, urls: list[str], every_secs: float, on_change: Callable[[list[str]], Awaitable[None] | None]):
+    `resolver(url) -> [urls]`: `resolve`, the system's resolver, unless a test serves its own names."""
+
+    def __init__(self, urls: list[str], every_secs: float, on_change: Callable[[list[str]], Awaitable[None] | None], resolver=None):
         self.urls, self.every_secs, self._on_change = list(urls), every_secs, on_change
+        self._resolver = resolver or resolve
         self.current: list[str] = []
         self._last: dict[str, list[str]] = {}
         self._task: asyncio.Task | None = None
@@ -72,11 +75,10 @@ class Discovery:
         return any(is_dns(u) for u in self.urls)
 
     async def refresh(self) -> list[str]:
-        found = await expand(self.urls, self._last)
+        found = await expand(self.urls, self._last, self._resolver)
         if found != self.current:
             joined, left = set(found) - set(self.current), set(self.current) - set(found)
-            if self.current:
-                logger.info(f"engine discovery: {len(joined)} joined, {len(left)} left; {len(found)} engines")
+            logger.info(f"engine discovery: {len(joined)} joined, {len(left)} left; {len(found)} engines")
             self.current = found
             result = self._on_change(found)
             if asyncio.iscoroutine(result):

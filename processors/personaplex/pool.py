@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from processors.personaplex.discovery import is_dns
+
 MAX_RETRY_SECS = 60.0
 
 
@@ -36,6 +38,7 @@ class PoolParams(BaseModel):
         "redis://HOST:PORT/DB: every bridge replica leases from one fleet through this Redis (or Valkey); "
         "empty: this process's own pool"))
     lease_ttl_secs: float = Field(10.0, gt=0, le=10.0, description="a lease whose holder stops renewing it expires after this")
+    discover_secs: float = Field(10.0, gt=0, description="dns+ws:// entries are resolved again this often; engines that join or leave follow")
 
     @field_validator("lease_store", mode="before")
     @classmethod
@@ -95,7 +98,7 @@ class EnginePool:
         if not params.urls:
             raise ValueError("an engine pool needs at least one URL")
         self.params = params
-        self.engines = [Engine(url) for url in params.urls]
+        self.engines = [Engine(url) for url in params.urls if not is_dns(url)]  # dns+ws:// entries: set_urls, from discovery
         self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
         self._waiters: deque[tuple[asyncio.Future, str]] = deque()
         self._probes: dict[Engine, asyncio.Task] = {}
@@ -116,6 +119,20 @@ class EnginePool:
     def snapshot(self) -> list[dict]:
         return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures,
                  "last_error": e.last_error} for e in self.engines]
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Discovery's new list: an engine that joined serves the longest waiter at once; one that left is dropped (a
+        call on it goes on; at its end the engine is not handed over)."""
+        known = {e.url: e for e in self.engines}
+        self.engines = [known.get(url) or Engine(url) for url in urls]
+        for url in set(known) - set(urls):
+            if known[url] in self._probes:
+                self._probes.pop(known[url]).cancel()
+        for engine in self.engines:
+            if engine.url not in known:
+                self._hand_over(engine)  # to the longest waiter, else idle
+        if not self.available:
+            self._fail_waiters()
 
     async def acquire(self, call_id: str, timeout: float | None = None) -> Engine:
         """An idle engine, leased to `call_id` until `release` or `failed`; NoEngine otherwise."""
@@ -150,10 +167,13 @@ class EnginePool:
             timer.cancel()
 
     def release(self, engine: Engine) -> None:
-        """The call ended normally: the engine serves the next caller."""
+        """The call ended normally: the engine serves the next caller (unless discovery dropped it meanwhile)."""
         if engine.state is State.BUSY:
             engine.call_id = None
-            self._hand_over(engine)
+            if engine in self.engines:
+                self._hand_over(engine)
+            else:
+                engine.state = State.IDLE
 
     def failed(self, engine: Engine, reason: str) -> None:
         """The engine did not answer or died: out of rotation, probed until it answers."""
@@ -164,15 +184,20 @@ class EnginePool:
         engine.last_error = reason
         self.stats["failures"] += 1
         logger.warning(f"engine {engine.url} out of rotation ({self.count(State.DOWN)}/{self.size} down): {reason}")
+        if engine not in self.engines:
+            return  # discovery dropped it: nothing to probe
         # A fresh context: the probe outlives the call that failed, and its log lines are not that call's.
         self._probes[engine] = asyncio.get_running_loop().create_task(
             self._recover(engine), name=f"engine-probe-{engine.url}", context=contextvars.Context())
         if not self.available:
-            while self._waiters:
-                future, _ = self._waiters.popleft()
-                if not future.done():
-                    self.stats["no_engine"] += 1
-                    future.set_exception(NoEngine(self._all_down()))
+            self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        while self._waiters:
+            future, _ = self._waiters.popleft()
+            if not future.done():
+                self.stats["no_engine"] += 1
+                future.set_exception(NoEngine(self._all_down()))
 
     async def close(self) -> None:
         tasks = list(self._probes.values())
@@ -218,6 +243,8 @@ class EnginePool:
 
 def all_down(engines: list[Engine]) -> str:
     """NoEngine's words when no engine is in rotation."""
+    if not engines:
+        return "no engine in rotation: discovery has found none (yet)"
     last = engines[-1].last_error if len(engines) == 1 else "; ".join(f"{e.url}: {e.last_error}" for e in engines)
     return f"no engine in rotation (all {len(engines)} failed; probing): {last}"
 

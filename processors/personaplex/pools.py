@@ -2,9 +2,11 @@
 
 One pool per distinct engine list (engine.urls, or a processor's own `url:`), each the process's own
 (pool.py) or, with `lease_store`, the fleet's, shared by every bridge replica through Redis
-(shared_pool.py).
+(shared_pool.py). A list with dns+ws:// entries is resolved at start and again every `discover_secs`
+(discovery.py); its pool follows the engines that join and leave.
 """
 
+from processors.personaplex.discovery import Discovery, is_dns
 from processors.personaplex.pool import Engine, EnginePool, PoolParams
 from processors.personaplex.shared_pool import SharedEnginePool
 
@@ -16,6 +18,7 @@ class EnginePools:
     def __init__(self, params: PoolParams | None):
         self._params = params
         self.pools: dict[tuple[str, ...], EnginePool] = {}
+        self._discoveries: list[Discovery] = []
         if params is not None and params.urls:
             self.pools[tuple(params.urls)] = _new_pool(params)
 
@@ -60,12 +63,18 @@ class EnginePools:
         return None
 
     async def start(self) -> None:
-        """Connect the shared pools to their store (a process's own pool needs nothing)."""
-        for pool in self.pools.values():
+        """Resolve the dns+ws:// entries (and keep re-resolving them); connect the shared pools to their store."""
+        for urls, pool in self.pools.items():
+            if any(is_dns(url) for url in urls):
+                discovery = Discovery(list(urls), pool.params.discover_secs, pool.set_urls)
+                self._discoveries.append(discovery)
+                await discovery.start()
             if hasattr(pool, "start"):
                 await pool.start()
 
     async def close(self) -> None:
+        for discovery in self._discoveries:
+            await discovery.stop()
         for pool in self.pools.values():
             await pool.close()
 

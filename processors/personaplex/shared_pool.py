@@ -12,27 +12,38 @@ Keys (P = `prefix`; URL = an engine URL; POOL = a digest of the pool's sorted UR
   P:token:URL           the fencing token, INCR per lease; first seeded from Redis's clock in ms, so it keeps
                         growing after a Redis restart or FLUSHALL wiped it (unless > 1000 leases/s)
   P:lru  P:seq          hash URL -> release sequence: the least recently released free engine is leased first
-  P:q:POOL              list of waiter ids, oldest first: the fleet-wide FIFO of callers
+  P:q:POOL              sorted set of waiter ids, scored by arrival (µs of Redis's clock): the fleet-wide FIFO of
+                        callers; a waiter passes its score on every try, so after a flush it re-registers in its place
   P:w:WAITER            heartbeat, PX 1.5 s, refreshed by each poll: a waiter whose replica died is skipped
   P:wake                pub/sub channel: a slot freed or an engine changed state (the URL)
   P:down:URL            hash {reason, delay}: out of rotation for every replica until a probe succeeds
   P:probe:URL           "wait" PX backoff, then the prober's id (SET NX PX): exactly one probe per backoff, fleet-wide
   P:failures            hash URL -> times the engine left the rotation
+  P:epoch               the store's epoch, made when absent; a replica that knew another sees the store lost its data
+  P:settle              PX SETTLE_SECS after that: no lease is granted while holders claim back and waiters re-register
 
 Acquire: one script prunes dead waiters, finds the caller's place k among the live ones (a newcomer's place
-is the tail) and takes a slot only if k < free slots of healthy engines, so no caller is overtaken: those
+is the tail) and, outside a settle window, takes a slot only if k < free slots of healthy engines, so no caller is overtaken: those
 ahead still have a slot each. Otherwise it queues the caller, who retries when woken: every release,
 engine down and engine back publishes on P:wake, and each replica's one subscriber wakes its waiters
 (about a millisecond); a poll every 250 ms covers a lost message or a lease that expired unreleased, and
 refreshes the waiter's heartbeat. Only a waiter's own script grants it a lease, so timing out or being
 cancelled cannot strand one; a script answer that arrives after the caller left is released.
 
+Lost data (FLUSHALL, or a restart without persistence): the first replica to touch the store after it (its
+watcher every 250 ms, or an acquire) makes a new epoch and opens the settle window; each replica, seeing the new
+epoch, renews at once, which claims its leases back, and its waiters re-register with their arrival scores. When
+the window closes (SETTLE_SECS, about a second) the store knows again which engines are taken and who waits in
+which order, so leases resume in FIFO order without landing on taken engines. A replica that stalls through the
+window is still safe: its engine's guard refuses the newcomer (503), which takes the next engine.
+
 Renewal: one task per pool renews all its leases every ttl/3 in one script. A slot found empty (Redis
 flushed or restarted without persistence, or the lease expired during a stall) is claimed back with the
 same value, so the store learns again which engines are taken; a lease taken over by another holder is
 lost: its Lease.lost event is set and an error logged, and the call decides (its session stays up; the
-engine's guard refuses the newer holder while it lasts). Until the claim-back, a new lease may land on a
-taken engine: its guard answers 503, and the bridge gives it back and takes the next (EngineBusy).
+engine's guard refuses the newer holder while it lasts). A lease that expired during a stall or a partition
+from Redis may meanwhile have been granted to another call: its guard answers 503, and that bridge gives it back
+and takes the next (EngineBusy).
 
 Health: failed() marks the engine down fleet-wide (and frees the failed lease) in one script; each
 replica's watcher sees down engines every 250 ms and the one whose SET NX wins the probe lock probes.
@@ -54,21 +65,39 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from processors.personaplex.discovery import is_dns
 from processors.personaplex.pool import MAX_RETRY_SECS, Engine, NoEngine, PoolParams, State, _personaplex_probe, all_down
 
 POLL_SECS = 0.25  # a waiter's poll, when no wake-up comes first; also its heartbeat
 VIEW_SECS = 0.25  # the fleet view (count, available, snapshot) and the probe schedule
 WAITER_TTL_SECS = 1.5  # a waiter silent this long (its replica died or stalled) loses its place
+SETTLE_SECS = 1.0  # after the store lost its data: time for every watcher (VIEW_SECS) to claim back, every waiter (POLL_SECS) to re-register
 STORE_TIMEOUT_SECS = 2.0  # one Redis command, connect included
 STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
-_ACQUIRE = """
+_EPOCH = """
+local function epoch_of(p, known, settle_ms)
+  local cur = redis.call('GET', p .. ':epoch')
+  if cur then return cur end
+  local t = redis.call('TIME')
+  cur = t[1] .. '.' .. t[2]
+  redis.call('SET', p .. ':epoch', cur)
+  if known ~= '' then redis.call('SET', p .. ':settle', cur, 'PX', settle_ms) end
+  return cur
+end
+"""
+# The store's epoch: a replica that knew another one sees the store lost its data (a flush, or a restart
+# without persistence). The first to see it opens the settle window, in which no lease is granted: every
+# holder claims its lease back and every waiter re-registers in its old place before leases resume.
+
+_ACQUIRE = _EPOCH + """
 local p, me = ARGV[1], ARGV[2]
 local hb_ms, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-local holder, call_id = ARGV[5], ARGV[6]
-local q, hb = KEYS[1], ARGV[1] .. ':w:' .. ARGV[2]
+local holder, call_id, since = ARGV[5], ARGV[6], ARGV[7]
+local epoch = epoch_of(p, ARGV[8], ARGV[9])
+local q, hb = KEYS[1], p .. ':w:' .. me
 local free, healthy = {}, 0
-for i = 7, #ARGV do
+for i = 10, #ARGV do
   local url = ARGV[i]
   if redis.call('EXISTS', p .. ':down:' .. url) == 0 then
     healthy = healthy + 1
@@ -79,18 +108,19 @@ for i = 7, #ARGV do
   end
 end
 if healthy == 0 then
-  redis.call('LREM', q, 0, me)
+  redis.call('ZREM', q, me)
   redis.call('DEL', hb)
-  return {'down'}
+  return {'down', epoch}
 end
-local pos, live = nil, 0
-for _, id in ipairs(redis.call('LRANGE', q, 0, -1)) do
-  if id == me then pos = live break end
-  if redis.call('EXISTS', p .. ':w:' .. id) == 1 then live = live + 1 else redis.call('LREM', q, 0, id) end
+if since == '' then
+  local t = redis.call('TIME')
+  since = t[1] .. string.format('%06d', tonumber(t[2]))
 end
-local queued = pos ~= nil
-if not queued then pos = live end
-if pos < #free then
+local pos = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', q, '-inf', '(' .. since)) do
+  if redis.call('EXISTS', p .. ':w:' .. id) == 1 then pos = pos + 1 else redis.call('ZREM', q, id) end
+end
+if pos < #free and redis.call('EXISTS', p .. ':settle') == 0 then
   local best, best_seq = nil, nil
   for _, f in ipairs(free) do
     local seq = tonumber(redis.call('HGET', p .. ':lru', f[1]) or '0')
@@ -103,17 +133,21 @@ if pos < #free then
   end
   local token = redis.call('INCR', tk)
   redis.call('SET', p .. ':lease:' .. best[1] .. ':' .. best[2], string.format('%d', token) .. '|' .. holder .. '|' .. call_id, 'PX', ttl_ms)
-  if queued then redis.call('LREM', q, 0, me) end
+  redis.call('ZREM', q, me)
   redis.call('DEL', hb)
-  return {'ok', best[1], best[2], token}
+  return {'ok', best[1], best[2], token, epoch}
 end
-if not queued then redis.call('RPUSH', q, me) end
+redis.call('ZADD', q, since, me)
 redis.call('SET', hb, '1', 'PX', hb_ms)
-return {'wait', pos, #free}
+return {'wait', pos, #free, since, epoch}
+"""
+
+_SEE_EPOCH = _EPOCH + """
+return epoch_of(ARGV[1], ARGV[2], ARGV[3])
 """
 
 _LEAVE = """
-redis.call('LREM', KEYS[1], 0, ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -198,11 +232,13 @@ class SharedEnginePool:
         if lease_ttl_secs <= 0:
             raise ValueError("lease_ttl_secs must be positive")
         self.params = params
+        self.urls = [url for url in params.urls if not is_dns(url)]  # dns+ws:// entries: set_urls, from discovery
         self.replica = replica or uuid.uuid4().hex[:12]
         self.lease_ttl_secs = lease_ttl_secs
         self.prefix = prefix
-        self.capacity = {url: int((capacity or {}).get(url, 1)) for url in params.urls}
-        self.engines = [Engine(url) for url in params.urls]  # the fleet view, refreshed every VIEW_SECS
+        self._capacity = capacity or {}
+        self.capacity = {url: int(self._capacity.get(url, 1)) for url in self.urls}
+        self.engines = [Engine(url) for url in self.urls]  # the fleet view, refreshed every VIEW_SECS
         self.stats = {"leases": 0, "waits": 0, "no_engine": 0, "failures": 0, "recoveries": 0, "lost": 0}
         self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
         self._store = _redacted(store_url)
@@ -210,8 +246,9 @@ class SharedEnginePool:
                                               socket_connect_timeout=STORE_TIMEOUT_SECS, retry=Retry(NoBackoff(), 1))
         # retried once: a restarted Redis leaves every pooled connection dead, and the first command on each fails
         s = self._redis.register_script
-        self._acquire, self._leave, self._renew = s(_ACQUIRE), s(_LEAVE), s(_RENEW)
+        self._acquire, self._leave, self._renew, self._see_epoch = s(_ACQUIRE), s(_LEAVE), s(_RENEW), s(_SEE_EPOCH)
         self._release, self._mark_down, self._probe_lock, self._probe_done = s(_RELEASE), s(_MARK_DOWN), s(_PROBE_LOCK), s(_PROBE_DONE)
+        # named by the configured list, so replicas share one queue while discovery changes the engines
         self._queue = f"{prefix}:q:{hashlib.sha1(' '.join(sorted(params.urls)).encode()).hexdigest()[:12]}"
         self._held: set[Lease] = set()
         self._pending: set[asyncio.Task] = set()
@@ -220,6 +257,8 @@ class SharedEnginePool:
         self._started = False
         self._store_ok = True
         self._wake = asyncio.Event()  # set (and replaced) whenever a slot may have freed or an engine changed state
+        self._epoch = ""  # the store's epoch this replica knows; another one means the store lost its data
+        self._renew_now = asyncio.Event()
 
     # -- the view ------------------------------------------------------------------------------------------------
 
@@ -247,6 +286,18 @@ class SharedEnginePool:
         return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures, "last_error": e.last_error,
                  "token": e.token} for e in self.engines]
 
+    def set_urls(self, urls: list[str]) -> None:
+        """Discovery's new list: engines that joined are offered at once; one that left is no longer leased (a call on it
+        goes on, its lease renewed until released)."""
+        views = {e.url: e for e in self.engines}
+        self.urls = list(urls)
+        self.capacity = {url: int(self._capacity.get(url, 1)) for url in self.urls}
+        self.engines = [views.get(url) or Engine(url) for url in self.urls]
+        for url in set(views) - set(self.urls):
+            if url in self._probes:
+                self._probes.pop(url).cancel()
+        self._wake_waiters()
+
     # -- leases --------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -270,12 +321,12 @@ class SharedEnginePool:
         deadline = loop.time() + wait
         waiter = uuid.uuid4().hex
         holder = f"{self.replica}/{waiter}"
-        waited, left = False, False
+        waited, left, since = False, False, ""  # since: the waiter's place, its arrival on Redis's clock
         try:
             while True:
                 wake = self._wake  # taken before the step, so a wake-up between the step and the nap is not missed
                 try:
-                    reply = await self._try(waiter, holder, call_id, max(0.25, deadline - loop.time()))
+                    reply = await self._try(waiter, holder, call_id, since, max(0.25, deadline - loop.time()))
                 except STORE_ERRORS as exc:
                     self._outage(exc)
                     if not waited or loop.time() >= deadline:
@@ -284,6 +335,7 @@ class SharedEnginePool:
                     await self._nap(wake, deadline)
                     continue
                 self._store_back()
+                self._saw_epoch(reply[-1])
                 if reply[0] == "ok":
                     left = True
                     return self._leased(reply, holder, call_id)
@@ -292,6 +344,7 @@ class SharedEnginePool:
                     self.stats["no_engine"] += 1
                     await self._refresh_quietly()
                     raise NoEngine(all_down(self.engines))
+                since = reply[3]
                 if not waited:
                     waited = True
                     self.stats["waits"] += 1
@@ -344,9 +397,10 @@ class SharedEnginePool:
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    async def _try(self, waiter: str, holder: str, call_id: str, timeout: float) -> list:
+    async def _try(self, waiter: str, holder: str, call_id: str, since: str, timeout: float) -> list:
         """One acquire step. Shielded: if the caller is cancelled or times out, a lease the step granted anyway is released."""
-        args = [self.prefix, waiter, _ms(WAITER_TTL_SECS), _ms(self.lease_ttl_secs), holder, call_id, *self.params.urls]
+        args = [self.prefix, waiter, _ms(WAITER_TTL_SECS), _ms(self.lease_ttl_secs), holder, call_id, since, self._epoch,
+                _ms(SETTLE_SECS), *self.urls]
         step = asyncio.ensure_future(self._acquire(keys=[self._queue], args=args))
         try:
             return await asyncio.wait_for(asyncio.shield(step), timeout)
@@ -380,6 +434,13 @@ class SharedEnginePool:
             finally:
                 await pubsub.aclose()
 
+    def _saw_epoch(self, epoch: str) -> None:
+        if self._epoch and epoch != self._epoch:
+            logger.warning(f"engine pool store {self._store} lost its data (a flush, or a restart without persistence): "
+                           f"claiming this replica's {len(self._held)} leases back; no lease is granted for {SETTLE_SECS:g} s")
+            self._renew_now.set()
+        self._epoch = epoch
+
     def _orphan(self, step: asyncio.Future, holder: str, call_id: str) -> None:
         if step.cancelled() or step.exception() is not None or step.result()[0] != "ok":
             return
@@ -388,14 +449,14 @@ class SharedEnginePool:
         self.release(lease)
 
     def _leased(self, reply: list, holder: str, call_id: str) -> Lease:
-        _, url, slot, token = reply
+        _, url, slot, token = reply[:4]
         token = int(token)
         lease = Lease(url, state=State.BUSY, call_id=call_id, token=token, slot=int(slot), key=f"{self.prefix}:lease:{url}:{slot}",
                       value=f"{token}|{holder}|{call_id}")
         self._held.add(lease)
         self.stats["leases"] += 1
         for view in self.engines:
-            if view.url == url and self.capacity[url] == 1:
+            if view.url == url and self.capacity.get(url, 1) == 1:
                 view.state, view.call_id, view.token = State.BUSY, call_id, token
         return lease
 
@@ -421,7 +482,11 @@ class SharedEnginePool:
 
     async def _renew_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_ttl_secs / 3)
+            try:
+                await asyncio.wait_for(self._renew_now.wait(), self.lease_ttl_secs / 3)
+            except TimeoutError:
+                pass
+            self._renew_now.clear()
             leases = [lease for lease in self._held if lease.state is State.BUSY]
             if not leases:
                 continue
@@ -463,18 +528,21 @@ class SharedEnginePool:
 
     async def _refresh(self) -> list[str]:
         """The fleet view from Redis; returns the URLs out of rotation."""
-        p, urls = self.prefix, self.params.urls
+        p, urls, views, capacity = self.prefix, list(self.urls), list(self.engines), dict(self.capacity)  # set_urls may run meanwhile
+        self._saw_epoch(await self._see_epoch(args=[p, self._epoch, _ms(SETTLE_SECS)]))
+        if not urls:
+            return []
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(f"{p}:cap", mapping=self.capacity)  # again after a flush or a restart of Redis
+            pipe.hset(f"{p}:cap", mapping=capacity)  # again after a flush or a restart of Redis
             for url in urls:
                 pipe.hgetall(f"{p}:down:{url}")
-                pipe.mget([f"{p}:lease:{url}:{slot}" for slot in range(self.capacity[url])])
+                pipe.mget([f"{p}:lease:{url}:{slot}" for slot in range(capacity[url])])
                 pipe.get(f"{p}:token:{url}")
             pipe.hmget(f"{p}:failures", urls)
             replies = await pipe.execute()
         failures = replies[-1]
         down_urls = []
-        for i, view in enumerate(self.engines):
+        for i, view in enumerate(views):
             down, leases, token = replies[1 + 3 * i: 4 + 3 * i]
             held = [value.split("|", 2) for value in leases if value]
             view.failures = int(failures[i] or 0)
@@ -484,7 +552,7 @@ class SharedEnginePool:
                 view.state, view.last_error = State.DOWN, down.get("reason", "")
                 down_urls.append(view.url)
             else:
-                view.state = State.BUSY if len(held) >= self.capacity[view.url] else State.IDLE
+                view.state = State.BUSY if len(held) >= capacity[view.url] else State.IDLE
         return down_urls
 
     async def _maybe_probe(self, url: str) -> None:

@@ -46,3 +46,31 @@ async def test_discovery_reports_only_changes():
 async def test_an_entry_without_a_name_is_refused(bad):
     with pytest.raises(ValueError):
         await resolve(bad)
+
+
+async def test_a_pool_follows_the_names_as_engines_join_and_leave():
+    """The resolver here is a table the test edits, as pods come and go behind a headless Service."""
+    from processors.personaplex.pool import EnginePool, PoolParams, State
+
+    table = {"dns+ws://engines:8998": ["ws://10.0.0.1:8998"]}
+
+    async def resolver(url):
+        if not table[url]:
+            raise socket.gaierror("no address")
+        return table[url]
+
+    pool = EnginePool(PoolParams(urls="dns+ws://engines:8998"))
+    d = Discovery(["dns+ws://engines:8998"], every_secs=3600, on_change=pool.set_urls, resolver=resolver)
+    await d.start()
+    assert [e.url for e in pool.engines] == ["ws://10.0.0.1:8998"]
+    held = await pool.acquire("call")
+    table["dns+ws://engines:8998"] = ["ws://10.0.0.2:8998"]  # a new pod; the old one is leaving
+    await d.refresh()
+    assert [e.url for e in pool.engines] == ["ws://10.0.0.2:8998"] and held.state is State.BUSY
+    table["dns+ws://engines:8998"] = []  # the name fails to resolve: the last good list stays
+    await d.refresh()
+    assert [e.url for e in pool.engines] == ["ws://10.0.0.2:8998"]
+    pool.release(held)
+    assert (await pool.acquire("next")).url == "ws://10.0.0.2:8998"
+    await d.stop()
+    await pool.close()

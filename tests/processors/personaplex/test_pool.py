@@ -470,3 +470,39 @@ def test_an_engine_in_two_pools_is_refused():
     pools = EnginePools(PoolParams(urls="ws://a:1,ws://b:2"))
     with pytest.raises(ValueError, match="ws://b:2 are in two pools"):
         pools.get("ws://b:2")
+
+
+# --- 4. discovery: engines join and leave -----------------------------------------------------
+
+
+async def test_an_engine_that_joins_serves_the_longest_waiter_and_one_that_leaves_finishes_its_call(engines, pools):
+    first, second = await engines(2)
+    pool = pools([first.url], wait_secs=60)
+    busy = await pool.acquire("a")
+    waiting = asyncio.create_task(pool.acquire("b"))
+    await until(lambda: pool.stats["waits"] == 1)
+    pool.set_urls([first.url, second.url])  # a pod became ready
+    joined = await asyncio.wait_for(waiting, HANG)
+    assert joined.url == second.url and joined.call_id == "b"
+    pool.set_urls([second.url])  # the first pod goes away while its call lasts
+    assert [e.url for e in pool.engines] == [second.url] and busy.call_id == "a"
+    third = asyncio.create_task(pool.acquire("c"))
+    await until(lambda: pool.stats["waits"] == 2)
+    pool.release(busy)  # the dropped engine is not handed over
+    await asyncio.sleep(0.05)
+    assert not third.done()
+    pool.release(joined)
+    assert (await asyncio.wait_for(third, HANG)).url == second.url
+    consistent(pool)
+
+
+async def test_engine_pools_resolve_dns_entries_at_start():
+    port = free_port()
+    pools = EnginePools(PoolParams(urls=f"dns+ws://localhost:{port}", discover_secs=3600))
+    try:
+        assert pools.engines == [] and not pools.available  # nothing resolved before start
+        await pools.start()
+        assert pools.engines and all(e.url.startswith("ws://") and e.url.endswith(f":{port}") for e in pools.engines)
+        assert pools.available
+    finally:
+        await pools.close()

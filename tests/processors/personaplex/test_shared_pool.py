@@ -105,24 +105,24 @@ async def test_fifo_across_replicas(replicas, store):
 
     for i in range(9):  # each enqueued before the next arrives, on replicas 0, 1, 2, 0, ...
         tasks.append(asyncio.create_task(call(i)))
-        await until_async(lambda n=i + 1: _llen(store, queue, n), f"caller {i} queued")
+        await until_async(lambda n=i + 1: _queued(store, queue, n), f"caller {i} queued")
     pools[0].release(first)
     async with asyncio.timeout(HANG):
         await asyncio.gather(*tasks)
     assert order == list(range(9))
 
 
-async def _llen(store, key, n) -> bool:
-    return await store.llen(key) == n
+async def _queued(store, key, n) -> bool:
+    return await store.zcard(key) == n
 
 
 async def test_a_dead_waiter_is_skipped(replicas, store):
     (pool,) = await replicas(1, urls(1))
-    await store.rpush(pool._queue, "ghost")  # a waiter whose replica died: its heartbeat expires and nobody renews it
+    await store.zadd(pool._queue, {"ghost": 1})  # a waiter whose replica died: its heartbeat expires and nobody renews it
     await store.set(f"{pool.prefix}:w:ghost", "1", px=300)
     engine = await pool.acquire("after-the-ghost", timeout=HANG)
     assert pool.stats["waits"] == 1  # it queued behind the ghost, then took the engine
-    assert await store.lrange(pool._queue, 0, -1) == []
+    assert await store.zrange(pool._queue, 0, -1) == []
     pool.release(engine)
 
 
@@ -275,3 +275,32 @@ async def test_a_multi_session_engine_serves_its_capacity(replicas):
     assert third.slot == second.slot and third.token > max(first.token, second.token)
     a.release(first)
     a.release(third)
+
+
+async def test_fifo_and_leases_survive_a_flush(replicas, store):
+    """After FLUSHALL the store looks empty; the settle window lets the holder claim its lease back and the
+    waiters re-register in their places before any lease is granted, so a newcomer neither takes the held
+    engine nor overtakes them."""
+    pools = await replicas(3, urls(1), lease_ttl_secs=3.0)
+    held = await pools[0].acquire("holder")
+    order, tasks = [], []
+
+    async def call(name, pool):
+        engine = await pool.acquire(name)
+        order.append(name)
+        pool.release(engine)
+
+    for i in range(6):
+        tasks.append(asyncio.create_task(call(i, pools[i % 3])))
+        await until_async(lambda n=i + 1: _queued(store, pools[0]._queue, n), f"caller {i} queued")
+    await store.flushall()
+    tasks.append(asyncio.create_task(call("newcomer", pools[1])))
+    async with asyncio.timeout(HANG):
+        while await store.get(held.key) != held.value:  # claimed back well before its ttl/3 renewal
+            await asyncio.sleep(0.01)
+    await until_async(lambda: _queued(store, pools[0]._queue, 7), "all seven queued again")
+    assert order == [] and not held.lost.is_set()
+    pools[0].release(held)
+    async with asyncio.timeout(HANG):
+        await asyncio.gather(*tasks)
+    assert order == [*range(6), "newcomer"]
