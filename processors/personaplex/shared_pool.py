@@ -39,9 +39,10 @@ window is still safe: its engine's guard refuses the newcomer (503), which takes
 
 Renewal: one task per pool renews all its leases every ttl/3 in one script. A slot found empty (Redis
 flushed or restarted without persistence, or the lease expired during a stall) is claimed back with the
-same value, so the store learns again which engines are taken; a lease taken over by another holder is
-lost: its Lease.lost event is set and an error logged, and the call decides (its session stays up; the
-engine's guard refuses the newer holder while it lasts). A lease that expired during a stall or a partition
+same value, so the store learns again which engines are taken. A lease found in another holder's hands
+(it expired while this replica could not reach Redis) is lost: its Lease.lost event is set and an error
+logged, but renewal goes on, and claims it back as soon as the other holder, refused by the engine's guard
+while this call's session lives, gives the slot up; so the store converges to what the guards know. A lease that expired during a stall or a partition
 from Redis may meanwhile have been granted to another call: its guard answers 503, and that bridge gives it back
 and takes the next (EngineBusy).
 
@@ -501,12 +502,15 @@ class SharedEnginePool:
                 self.stats["reclaimed"] = self.stats.get("reclaimed", 0) + reclaimed
                 logger.warning(f"engine pool store {self._store} had forgotten {reclaimed} of this replica's leases; claimed back")
             for lease, ok in zip(leases, kept):
-                if not ok and lease in self._held:
-                    self._held.discard(lease)
+                if not ok and not lease.lost.is_set():
                     self.stats["lost"] += 1
                     lease.lost.set()
-                    logger.error(f"call {lease.call_id}: lease on engine {lease.url} (token {lease.token}) lost: it expired or was "
-                                 "removed from the store; another call may hold the engine now")
+                    logger.error(f"call {lease.call_id}: lease on engine {lease.url} (token {lease.token}) taken by another holder "
+                                 "(it expired while this replica could not renew it); the call keeps its session, whose guard "
+                                 "refuses the other, and the lease is claimed back when the slot is free")
+                elif ok == 2 and lease.lost.is_set():
+                    lease.lost.clear()
+                    logger.info(f"call {lease.call_id}: lease on engine {lease.url} claimed back")
 
     async def _watch(self) -> None:
         while True:

@@ -163,6 +163,14 @@ async def test_a_lease_wiped_from_the_store_is_claimed_back_and_one_taken_over_i
     async with asyncio.timeout(HANG):
         await held.lost.wait()
     assert a.stats["lost"] == 1
+    await store.delete(held.key)  # the other holder gives it up (its guard refused it): the call's lease comes back
+    async with asyncio.timeout(HANG):
+        while await store.get(held.key) != held.value:
+            await asyncio.sleep(0.05)
+    assert not held.lost.is_set() and a.stats["lost"] == 1
+    await store.set(held.key, "999|someone-else|x")
+    async with asyncio.timeout(HANG):
+        await held.lost.wait()
     a.release(held)  # the lost lease's release deletes nothing of the other's
     await asyncio.gather(*a._pending)
     assert (await store.get(held.key)) == "999|someone-else|x"
