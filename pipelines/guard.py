@@ -17,7 +17,15 @@ engine's own door can enforce it, so the guard stands there, on the engine's mac
   equal or higher one is admitted (the highest is raised when the slot is taken, before the upstream
   answers). A malformed token gets 400, a missing one 428 under `--require-token`; all three count
   as `refused_token`. Without `--require-token` a session without a token is admitted (a bridge
-  without shared leases). The highest token lives in memory: a restarted guard starts afresh.
+  without shared leases).
+- the highest token admitted lives in memory, and with `state_file` (`--state-file PATH`) on disk
+  too, so that a restarted guard still refuses what it refused before: it is read at the start (a
+  missing file: none admitted yet; one that cannot be read or parsed is an error, exit status 2) and
+  written whenever it rises, once per lease, before the session is relayed upstream: JSON
+  `{"highest_token": N}`, written to a temporary file in the same directory, fsynced, put in place
+  with os.replace and the directory fsynced, so that the file is always whole and a crash right after
+  an admission cannot forget it. A guard that cannot write it refuses the session with 500
+  (`refused_state`; the in-memory highest stays raised, the next admission writes it again).
 - a session whose client sent no data frame for `idle_secs` is closed (`idle_closed`): 1000 to the
   upstream, and to the client 4000 with the reason `idle: no frame from the client for S s`. The
   clock starts at the upgrade and is reset by each client frame and by the upstream's first frame
@@ -30,16 +38,20 @@ Close codes the guard itself sends to a client: 4000 idle, 1001 guard stopping.
 
 The same port serves GET /healthz (200 while the upstream accepts a TCP connection, else 503) and
 GET /stats (JSON): admitted, refused_busy, refused_token, refused_upstream (the upstream refused or
-could not be reached), idle_closed, active, capacity, highest_token (null before any), bytes_up
-(client to upstream, frame payloads) and bytes_down (upstream to client).
+could not be reached), refused_state (the state file could not be written), idle_closed, active,
+capacity, highest_token (null before any), state_file (its path, or null), bytes_up (client to
+upstream, frame payloads) and bytes_down (upstream to client).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import signal
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
@@ -72,10 +84,12 @@ class GuardStats:
     refused_busy: int = 0
     refused_token: int = 0
     refused_upstream: int = 0
+    refused_state: int = 0
     idle_closed: int = 0
     active: int = 0
     capacity: int = 1
     highest_token: int | None = None
+    state_file: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -83,11 +97,65 @@ class GuardStats:
         return asdict(self)
 
 
+class StateFileError(ValueError):
+    """The state file cannot be read, holds no valid token, or its directory cannot be written."""
+
+
+def load_state(path: str) -> int | None:
+    """The highest token a state file holds; None when there is no file yet. Its directory must be
+    writable too (the file is replaced, not written in place), or the first admission would fail."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StateFileError(f"state file {path}: its directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StateFileError(f"state file {path}: its directory {directory} is not writable")
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(f"state file {path} cannot be read: {exc}") from None
+    try:
+        token = json.loads(text)["highest_token"]
+        if type(token) is not int or token < 0:
+            raise ValueError(f"highest_token {token!r} is not a non-negative integer")
+    except (ValueError, TypeError, KeyError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise StateFileError(f'state file {path} is corrupt (expected {{"highest_token": N}}): {exc!r}') from None
+    return token
+
+
+def save_state(path: str, token: int) -> None:
+    """Write `token` to `path` durably and atomically: a temporary file beside it, fsync, os.replace, fsync the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps({"highest_token": token}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself
+    finally:
+        os.close(dir_fd)
+
+
 class Guard:
-    """Relay `path` to `upstream` (ws:// or wss://, host and port; a path of its own is put in front)."""
+    """Relay `path` to `upstream` (ws:// or wss://, host and port; a path of its own is put in front).
+
+    With `state_file`, the highest token admitted is read from it here (StateFileError, a ValueError,
+    when it cannot be) and written to it whenever it rises, before the session is relayed."""
 
     def __init__(self, upstream: str, *, capacity: int = 1, idle_secs: float = 15.0, path: str = "/api/chat",
-                 require_token: bool = False) -> None:
+                 require_token: bool = False, state_file: str | os.PathLike | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"upstream must be ws://HOST:PORT or wss://HOST:PORT, got {upstream!r}")
@@ -102,6 +170,12 @@ class Guard:
         self._upstream_origin = f"{parts.scheme}://{parts.netloc}"
         self.capacity, self.idle_secs, self.path, self.require_token = capacity, idle_secs, path, require_token
         self.stats = GuardStats(capacity=capacity)
+        self.state_file = os.fspath(state_file) if state_file is not None else None
+        self._persisted: int | None = None  # the highest token the state file holds
+        self._persisting = asyncio.Lock()
+        if self.state_file is not None:
+            self._persisted = self.stats.highest_token = load_state(self.state_file)
+            self.stats.state_file = self.state_file
         self.host: str | None = None
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -181,6 +255,17 @@ class Guard:
             return None, web.Response(status=409, text=f"{TOKEN_HEADER} {token} is stale: {highest} has been admitted\n")
         return token, None
 
+    async def _persist(self, token: int) -> None:
+        """Return once the state file holds `token` or a higher one (OSError if it cannot be written).
+        Concurrent admissions share a write: each writes the highest in memory at the time."""
+        async with self._persisting:
+            if self._persisted is not None and self._persisted >= token:
+                return
+            highest = self.stats.highest_token
+            assert highest is not None and highest >= token
+            await asyncio.to_thread(save_state, self.state_file, highest)
+            self._persisted = highest
+
     async def _session(self, request: web.Request) -> web.StreamResponse:
         token, refusal = self._token(request)
         if refusal is not None:
@@ -205,6 +290,13 @@ class Guard:
                 self.stats.active -= 1
 
         try:
+            if token is not None and self.state_file is not None:
+                try:
+                    await self._persist(token)
+                except OSError as exc:
+                    self.stats.refused_state += 1
+                    logger.error(f"guard: {request.remote}: refused (500): state file {self.state_file} cannot be written: {exc}")
+                    return web.Response(status=500, text=f"guard cannot record the lease token: {exc}\n")
             upstream = await self._connect(request)
             if isinstance(upstream, web.Response):
                 self.stats.refused_upstream += 1
@@ -376,18 +468,21 @@ def parser() -> argparse.ArgumentParser:
                    help="close a session whose client sent no frame for this long (default: %(default)s; above the 2-9 s prompt phase)")
     p.add_argument("--path", default="/api/chat", help="the WebSocket path relayed (default: %(default)s)")
     p.add_argument("--require-token", action="store_true", help=f"refuse sessions without {TOKEN_HEADER} (428)")
+    p.add_argument("--state-file", metavar="PATH",
+                   help="keep the highest token admitted in this file (read at start, written durably when it rises), "
+                   "so that a restarted guard still fences stale leases; its directory must exist (default: memory only)")
     return p
 
 
-async def _serve(args) -> int:
-    guard = Guard(args.upstream, capacity=args.capacity, idle_secs=args.idle_secs, path=args.path, require_token=args.require_token)
-    url = await guard.start(*args.listen)
-    print(f"serving {url}{guard.path} -> {guard.upstream} (capacity {guard.capacity}, idle {guard.idle_secs:g} s; "
-          f"stats: http://{url.removeprefix('ws://')}/stats)", flush=True)
+async def _serve(args, guard: Guard) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the `serving` line: a SIGTERM right after it stops cleanly
         loop.add_signal_handler(sig, stop.set)
+    url = await guard.start(*args.listen)
+    state = f"state file {guard.state_file}, highest token {guard.stats.highest_token}" if guard.state_file else "no state file"
+    print(f"serving {url}{guard.path} -> {guard.upstream} (capacity {guard.capacity}, idle {guard.idle_secs:g} s, {state}; "
+          f"stats: http://{url.removeprefix('ws://')}/stats)", flush=True)
     try:
         await stop.wait()
     finally:
@@ -398,8 +493,9 @@ async def _serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        Guard(args.upstream, capacity=args.capacity, idle_secs=args.idle_secs)
-    except ValueError as exc:
+        guard = Guard(args.upstream, capacity=args.capacity, idle_secs=args.idle_secs, path=args.path,
+                      require_token=args.require_token, state_file=args.state_file)
+    except ValueError as exc:  # StateFileError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(args))
+    return asyncio.run(_serve(args, guard))

@@ -275,6 +275,18 @@ def test_guard_sidecar_is_locked_down(engine_pod, dockerfile):
     assert {"requests", "limits"} <= guard["resources"].keys()
 
 
+def test_guard_keeps_its_highest_token_on_an_emptydir(engine_pod):
+    """--state-file on a writable emptyDir of its own: a restarted guard container still fences stale leases."""
+    guard = containers_of(engine_pod)["guard"]
+    state_file = guard_args(guard).state_file
+    assert state_file and posixpath.isabs(state_file), "the guard keeps its highest token across container restarts"
+    volumes = {v["name"]: v for v in engine_pod["volumes"]}
+    [mount] = [m for m in guard["volumeMounts"] if posixpath.dirname(state_file) == m["mountPath"].rstrip("/")]
+    assert not mount.get("readOnly") and not mount.get("subPath")
+    assert "emptyDir" in volumes[mount["name"]], "an emptyDir survives container restarts within the pod"
+    assert mount["mountPath"] != "/tmp", "a volume of its own, apart from the scratch space"
+
+
 @pytest.mark.parametrize("path, port_of", [(REDIS, "redis"), (ENGINES, "guard")])
 def test_network_policies_admit_the_bridges_alone(path, port_of, deployment):
     docs_ = load(path)

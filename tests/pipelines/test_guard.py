@@ -1,6 +1,10 @@
 """The guard (pipelines/guard.py) over loopback, with the reference engine as the real upstream."""
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -329,3 +333,119 @@ async def test_a_client_that_stopped_reading_cannot_hold_the_guard():
         await asyncio.sleep(0)
         left = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
         assert not left, left
+
+
+# --- the state file: the highest token survives a restart -------------------------------------------
+
+
+class StateReadingEngine(RecordingEngine):
+    """Records what the guard's state file holds when each connection reaches the engine."""
+
+    def __init__(self, state_file, options: EngineOptions | None = None):
+        super().__init__(options)
+        self.state_file = state_file
+        self.states: list[dict | None] = []
+
+    async def _chat(self, request):
+        self.states.append(json.loads(self.state_file.read_text()) if self.state_file.exists() else None)
+        return await super()._chat(request)
+
+
+async def admit(http: aiohttp.ClientSession, guard: Guard, token: int) -> None:
+    ws = await connect(http, guard_url(guard), token=token)
+    await handshake(ws)
+    await ws.close()
+    assert await until(lambda: guard.stats.active == 0)
+
+
+async def refused(http: aiohttp.ClientSession, guard: Guard, token: int) -> int:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
+        await connect(http, guard_url(guard), token=token)
+    return refusal.value.status
+
+
+async def test_a_restarted_guard_remembers_the_highest_token(tmp_path):
+    state = tmp_path / "guard-state.json"
+    engine = StateReadingEngine(state, EngineOptions(mode="echo", handshake_delay_secs=0.1))
+    await engine.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with Guard(engine.url, state_file=state) as guard:  # no file yet: nothing admitted
+                assert guard.stats.highest_token is None
+                await admit(http, guard, 100)
+                await admit(http, guard, 100)  # not higher: not written again
+                async with http.get(f"http://127.0.0.1:{guard.port}/stats") as r:
+                    stats = await r.json()
+                assert stats["highest_token"] == 100 and stats["state_file"] == str(state)
+            assert engine.states == [{"highest_token": 100}] * 2  # on disk before the engine saw the session
+            assert [p.name for p in tmp_path.iterdir()] == [state.name]  # no temporary file left behind
+
+            async with Guard(engine.url, state_file=state) as guard:  # a new guard on the same file
+                assert guard.stats.highest_token == 100
+                assert await refused(http, guard, 99) == 409
+                assert engine.stats.connections == 2  # the stale holder never reached the engine
+                await admit(http, guard, 100)
+                await admit(http, guard, 101)
+                assert guard.stats.refused_token == 1 and guard.stats.admitted == 2
+            assert json.loads(state.read_text()) == {"highest_token": 101}
+            assert engine.states[-1] == {"highest_token": 101}
+            async with Guard(engine.url) as guard:  # without the file: memory only, as before
+                await admit(http, guard, 99)
+                assert guard.stats.state_file is None
+            assert json.loads(state.read_text()) == {"highest_token": 101}
+    finally:
+        await engine.stop()
+
+
+async def test_a_state_file_that_cannot_be_written_refuses_the_session(tmp_path, monkeypatch):
+    from pipelines import guard as guard_module
+
+    def fail(path, token):
+        raise OSError(28, "No space left on device")
+
+    state = tmp_path / "state.json"
+    async with engine_and_guard(state_file=state) as (engine, guard), aiohttp.ClientSession() as http:
+        monkeypatch.setattr(guard_module, "save_state", fail)
+        assert await refused(http, guard, 7) == 500
+        assert guard.stats.refused_state == 1 and guard.stats.active == 0 and engine.stats.connections == 0
+        assert guard.stats.highest_token == 7 and await refused(http, guard, 6) == 409  # still fenced in memory
+        monkeypatch.undo()
+        await admit(http, guard, 7)  # written now
+        assert json.loads(state.read_text()) == {"highest_token": 7}
+
+
+def run_guard_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines", "guard", "--listen", "127.0.0.1:0", "--upstream",
+                           "ws://127.0.0.1:9", *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize("content", [b"", b"100", b'{"highest_token": -1}', b'{"highest_token": "100"}',
+                                     b'{"highest": 100}', b'{"highest_token": 10', b"\xff\xfe"])
+def test_a_corrupt_state_file_stops_the_cli_with_status_2(tmp_path, content):
+    state = tmp_path / "state.json"
+    state.write_bytes(content)
+    result = run_guard_cli("--state-file", str(state))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and str(state) in line and "corrupt" in line
+    assert state.read_bytes() == content  # left for a person to look at
+
+
+def test_a_state_file_in_a_missing_directory_stops_the_cli(tmp_path):
+    missing = tmp_path / "nowhere" / "state.json"
+    result = run_guard_cli("--state-file", str(missing))
+    assert result.returncode == 2 and str(missing) in result.stderr and "does not exist" in result.stderr
+
+
+def test_the_cli_starts_from_its_state_file(tmp_path):
+    state = tmp_path / "state.json"
+    state.write_text('{"highest_token": 42}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "guard", "--listen", "127.0.0.1:0", "--upstream",
+                             "ws://127.0.0.1:9", "--state-file", str(state)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"state file {state}, highest token 42" in line, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        proc.stdout.close()
