@@ -10,6 +10,11 @@ stays on the line `call_secs + k * (call_secs + 1)` s, so that each call holds i
 `call_secs` after waiting its turn. Chaos: bridge 0 is SIGKILLed at a third of the planned run (later
 calls skip it, as a load balancer would), redis-server is SIGKILLed and started again on its port at
 two thirds (both + call_secs / 2: off the burst starts, while engines are held and callers wait).
+Between the two, centred, bridge 1 (bridge 0 with one bridge) is cut off from Redis for 2 x lease TTL
+while its engine sockets stay up: it reaches Redis through a TCP relay in this process
+(pipelines/bench/relay.py) that drops its connections and refuses new ones; later calls skip it until
+the link is back, as a load balancer reading its /readyz would. The cut is left out (and said so) when
+the run is too short for it to miss the kill's hand-over (TTL + 1 s) and the restart.
 
 Every 0.2 s each guard's and each engine's GET /stats is sampled (time.time()). Figures:
 - double bookings: refused_busy + refused_token summed over the guards (attempts the door stopped;
@@ -28,6 +33,14 @@ Every 0.2 s each guard's and each engine's GET /stats is sampled (time.time()). 
   which its guard's `admitted` grew, minus the kill time (target: lease TTL + 1 s).
 - Redis restart: calls in flight at the kill that did not complete, calls that failed from the kill to
   10 s after the restart, and the first engine_acquired after the restart (from the kill and from the restart).
+- Redis cut: calls in flight on the cut bridge at the cut (and those holding an engine) and how many of
+  them did not complete; calls failed elsewhere from the cut to 10 s after the restore; the cut bridge's
+  /readyz (polled every 0.25 s): first 503 naming the lease store, first 200 after the restore; guard
+  refusals in the cut's window (the cut to TTL + 2 s after the restore, or to the end of the calls that
+  held an engine at the cut, if later; not past the Redis kill): its expired leases leased again and
+  refused by the guard; the guards' largest `active` and the engines' peak in that window; leases the cut
+  bridge claimed back or logged lost after the restore (its log). `guard_refused_before_redis_restart`
+  leaves out the refusals in the cut's window.
 - outcomes: each call's call_ended outcome in its bridge's records (`lost with bridge` when the bridge
   was killed under it, `caller error: ...` when the caller's connection failed otherwise).
 """
@@ -49,6 +62,7 @@ import numpy as np
 from pipelines.bench.fleet import RATE, bench_env, script_options
 from pipelines.bench.harness import command_argv, guarded, machine_lines, table, write_json
 from pipelines.bench.launch import RedisServer, free_port, free_ports, launched, run_command
+from pipelines.bench.relay import ThreadedRelay
 from pipelines.bench.servers import engine_command, engine_launched, keep_log, our_yaml
 from pipelines.config import CONFIG_DIR
 
@@ -63,7 +77,7 @@ REDIS_FAIL_WINDOW = 10.0
 
 def add_parser(subparsers):
     p = subparsers.add_parser("cluster", help="B bridges share E guarded engines through Redis: double bookings, "
-                              "idle engines, FIFO, lease set-up, recovery from a bridge kill and a Redis restart",
+                              "idle engines, FIFO, lease set-up, recovery from a bridge kill, a Redis restart and a bridge cut off from Redis",
                               description=__doc__)
     p.add_argument("--bridges", type=int, default=3, help="bridge replicas (default: %(default)s)")
     p.add_argument("--engines", type=int, default=8, help="reference engines, each behind a guard (default: %(default)s)")
@@ -72,7 +86,7 @@ def add_parser(subparsers):
     p.add_argument("--call-secs", type=float, default=6.0, help="seconds each call holds its engine (default: %(default)s)")
     p.add_argument("--burst", type=int, default=20, help="calls dialled together (default: %(default)s)")
     p.add_argument("--lease-ttl", type=float, default=2.0, help="engine.lease_ttl_secs (default: %(default)s)")
-    p.add_argument("--no-chaos", action="store_true", help="no bridge kill, no Redis restart")
+    p.add_argument("--no-chaos", action="store_true", help="no bridge kill, no Redis restart, no Redis cut")
     p.add_argument("--json", help="result file (default: bench-results/cluster-<UTC stamp>.json)")
     p.add_argument("--log-dir", help="keep the processes' logs, YAMLs and records here")
     return p
@@ -97,6 +111,9 @@ class Cluster:
     bridges: list  # Launched, one per bridge
     records: list[Path]  # each bridge's records dir
     alive: list[bool] = field(default_factory=list)
+    relay: ThreadedRelay | None = None  # in front of Redis for bridge `partitioned`
+    partitioned: int | None = None
+    logs: list[Path] = field(default_factory=list)  # each bridge's log
 
     @property
     def guard_urls(self) -> list[str]:
@@ -114,14 +131,20 @@ def bridge_yaml(path: Path, urls: list[str], store: str, ttl: float, wait_secs: 
 
 
 @contextlib.contextmanager
-def cluster(args, work: Path, wait_secs: float):
+def cluster(args, work: Path, wait_secs: float, partitioned: int | None = None):
+    """`partitioned`: the bridge that reaches Redis through a relay (Cluster.relay), to be cut off."""
     env = bench_env()
     if not shutil.which("redis-server"):
         raise RuntimeError("redis-server is not on PATH (Debian: apt-get install redis-server)")
     redis = RedisServer(free_port(), work)
     redis.start()
+    relay = None
     try:
         with contextlib.ExitStack() as stack:
+            if partitioned is not None:
+                relay = ThreadedRelay(redis.port)
+                relay.start()
+                stack.callback(relay.stop)
             engine_ports = free_ports(args.engines)
             options = script_options([(0.8, CLIP)])
             per = args.engines_per_process
@@ -138,13 +161,15 @@ def cluster(args, work: Path, wait_secs: float):
             for i in range(args.bridges):
                 d = work / f"bridge-{i}"
                 d.mkdir(parents=True, exist_ok=True)
-                bridge_yaml(d / "bridge.yaml", [f"ws://127.0.0.1:{p}" for p in guard_ports], redis.url, args.lease_ttl, wait_secs)
+                store = relay.url() if relay is not None and i == partitioned else redis.url
+                bridge_yaml(d / "bridge.yaml", [f"ws://127.0.0.1:{p}" for p in guard_ports], store, args.lease_ttl, wait_secs)
                 port = free_port()
                 b = stack.enter_context(launched(run_command(d / "bridge.yaml", port), port, env=env, timeout=120))
                 keep_log(b.proc, b.startup, str(d / "bridge.log"))
                 bridges.append(b)
                 records.append(d / "records")
-            yield Cluster(redis, guard_ports, engine_ports, bridges, records, [True] * args.bridges)
+            yield Cluster(redis, guard_ports, engine_ports, bridges, records, [True] * args.bridges, relay,
+                          partitioned if relay is not None else None, [work / f"bridge-{i}" / "bridge.log" for i in range(args.bridges)])
     finally:
         redis.stop()
 
@@ -166,6 +191,21 @@ class Plan:
         interval = waves * (args.call_secs + WAVE_SLACK) + 1.0
         bursts = math.ceil(args.calls / args.burst)
         return cls(waves, interval, bursts, bursts * interval, waves * (args.call_secs + WAVE_SLACK) + 10 + 2 * args.lease_ttl)
+
+    def faults(self, args) -> dict:
+        """Seconds from the start: bridge_kill (with more than one bridge), redis_kill, and the Redis cut
+        (cut, cut_secs, cut_bridge) when it fits between them: after the kill's hand-over (TTL + 1 s), and
+        its renewals back (TTL / 3) at least TTL + 1 s before the restart; none with --no-chaos."""
+        if args.no_chaos:
+            return {}
+        kill = self.span / 3 + args.call_secs / 2
+        restart = self.span * 2 / 3 + args.call_secs / 2
+        out = {"redis_kill": restart} | ({"bridge_kill": kill} if args.bridges > 1 else {})
+        cut_secs = 2 * args.lease_ttl
+        cut = (kill + restart) / 2 - cut_secs / 2
+        if cut >= kill + args.lease_ttl + 1 and cut + cut_secs + args.lease_ttl / 3 + args.lease_ttl + 1 <= restart:
+            out |= {"cut": cut, "cut_secs": cut_secs, "cut_bridge": 1 if args.bridges > 1 else 0}
+        return out
 
 
 @dataclass
@@ -232,11 +272,48 @@ async def drive(args, c: Cluster, plan: Plan) -> tuple[list[Dialled], list[dict]
         print(f"{chaos['redis_kill'] - t0:6.1f} s  redis-server SIGKILLed, back after {chaos['redis_back'] - chaos['redis_kill']:.2f} s",
               flush=True)
 
+    async def cut_link(at: float, secs: float, bridge: int) -> None:
+        """Bridge `bridge`'s link to Redis dropped and refused for `secs`; its /readyz polled meanwhile."""
+        import aiohttp
+
+        await asyncio.sleep(max(0.0, at - time.time()))
+        cut_off.add(bridge)
+        dropped = await asyncio.to_thread(c.relay.cut)
+        chaos["cut"] = time.time()
+        print(f"{chaos['cut'] - t0:6.1f} s  bridge {bridge} cut off from Redis ({dropped} connections dropped) for {secs:g} s", flush=True)
+        readyz = f"http://127.0.0.1:{c.bridges[bridge].port}/readyz"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+            async def ready() -> tuple[int | None, str]:
+                try:
+                    async with session.get(readyz) as r:
+                        return r.status, (await r.text()).strip()
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    return None, type(exc).__name__
+
+            while time.time() < chaos["cut"] + secs:
+                status, why = await ready()
+                if status == 503 and "lease store" in why and "cut_unready" not in chaos:
+                    chaos["cut_unready"], chaos["cut_readyz"] = time.time(), why
+                await asyncio.sleep(min(0.25, max(0.0, chaos["cut"] + secs - time.time())))
+            await asyncio.to_thread(c.relay.restore)
+            chaos["cut_restored"] = time.time()
+            while time.time() < chaos["cut_restored"] + 10:
+                if (await ready())[0] == 200:
+                    chaos["cut_ready_again"] = time.time()
+                    break
+                await asyncio.sleep(0.25)
+        cut_off.discard(bridge)
+        print(f"{chaos['cut_restored'] - t0:6.1f} s  bridge {bridge}'s Redis link restored", flush=True)
+
+    faults = plan.faults(args)
     extra = []
-    if not args.no_chaos:
-        if args.bridges > 1:
-            extra.append(asyncio.create_task(kill_bridge(t0 + plan.span / 3 + args.call_secs / 2)))
-        extra.append(asyncio.create_task(restart_redis(t0 + plan.span * 2 / 3 + args.call_secs / 2)))
+    if "bridge_kill" in faults:
+        extra.append(asyncio.create_task(kill_bridge(t0 + faults["bridge_kill"])))
+    if "redis_kill" in faults:
+        extra.append(asyncio.create_task(restart_redis(t0 + faults["redis_kill"])))
+    cut_off: set[int] = set()
+    if "cut" in faults and c.relay is not None:
+        extra.append(asyncio.create_task(cut_link(t0 + faults["cut"], faults["cut_secs"], faults["cut_bridge"])))
     tasks, rr = [], 0
     patience = 0.0 if args.no_chaos else args.lease_ttl + 2  # a waiter outlasts a killed bridge's leases
     for b in range(plan.bursts):
@@ -244,7 +321,7 @@ async def drive(args, c: Cluster, plan: Plan) -> tuple[list[Dialled], list[dict]
         n = min(args.burst, args.calls - len(runs))
         print(f"{time.time() - t0:6.1f} s  burst {b + 1}/{plan.bursts}: {n} calls", flush=True)
         for k in range(n):
-            live = [i for i, a in enumerate(c.alive) if a]
+            live = [i for i, a in enumerate(c.alive) if a and i not in cut_off] or [i for i, a in enumerate(c.alive) if a]
             bridge = live[rr % len(live)]
             rr += 1
             wave = k // args.engines
@@ -330,11 +407,29 @@ def figures(args, c: Cluster, plan: Plan, runs: list[Dialled], samples: list[dic
 
     last = samples[-1]
     before = [s for s in samples if rkill is None or s["t"] < rkill]
+    cut, restored = chaos.get("cut"), chaos.get("cut_restored")
+    cut_window = None
+    if cut and restored:
+        pb = c.partitioned
+        holding_at_cut = [rec for rec in calls.values() if rec["bridge"] == pb and rec["acquired"] and rec["acquired"] < cut
+                          and (rec["released"] is None or rec["released"] > cut)]
+        cut_window = (cut, min(max([restored + args.lease_ttl + 2] + [rec["end"] for rec in holding_at_cut]), rkill or math.inf))
+
+    def in_cut(t: float) -> bool:
+        return cut_window is not None and cut_window[0] <= t <= cut_window[1]
+
+    def refused_outside_cut(upto: list[dict]) -> int:
+        """Refusals over `upto` (samples in order), less those that arrived in the cut's window."""
+        n = refused(upto[0]) if upto else 0
+        for prev, s in zip(upto, upto[1:]):
+            if not in_cut(s["t"]):
+                n += refused(s) - refused(prev)
+        return n
     active_max = max((g or {}).get("active", 0) for s in samples for g in s["guards"])
     engine_peak = max((e or {}).get("connections_peak", 0) for s in samples for e in s["engines"])
     double = {"guard_refused": refused(last), "guard_refused_busy": sum((g or {}).get("refused_busy", 0) for g in last["guards"]),
               "guard_refused_token": sum((g or {}).get("refused_token", 0) for g in last["guards"]),
-              "guard_refused_before_redis_restart": refused(before[-1]) if before else 0,
+              "guard_refused_before_redis_restart": refused_outside_cut(before),
               "guard_active_max": active_max, "engine_connections_peak": engine_peak,
               "engine_connections_peak_before_redis_restart": max(((e or {}).get("connections_peak", 0) for e in before[-1]["engines"]),
                                                                   default=0) if before else 0,
@@ -398,8 +493,56 @@ def figures(args, c: Cluster, plan: Plan, runs: list[Dialled], samples: list[dic
                                    "failed_in_window": len(window),
                                    "next_lease_after_kill_s": None if next_lease is None else round(next_lease - rkill, 2),
                                    "next_lease_after_restart_s": None if next_lease is None else round(next_lease - rback, 2)}
+    if cut and restored:
+        result["redis_cut"] = cut_figures(c, runs, samples, chaos, calls, per_call, cut_window, refused)
     result["per_call"] = per_call
     return result
+
+
+def cut_figures(c: Cluster, runs: list[Dialled], samples: list[dict], chaos: dict, calls: dict, per_call: list[dict],
+                window: tuple[float, float], refused) -> dict:
+    """The bridge cut off from Redis: its calls in flight, its /readyz, the guards in the cut's window, its renewals after."""
+    pb, t0 = c.partitioned, chaos["t0"]
+    cut, restored = chaos["cut"], chaos["cut_restored"]
+    in_flight = [r for r in runs if r.bridge == pb and r.start < cut < r.end]
+    holding = [r for r in in_flight if (rec := calls.get(r.sid, {})).get("acquired") and rec["acquired"] < cut
+               and (rec["released"] is None or rec["released"] > cut)]
+    failed = [r.sid for r in in_flight if calls.get(r.sid, {}).get("outcome") != "completed"]
+    elsewhere = [p for p in per_call if p["bridge"] != pb and p["outcome"] not in ("completed", "lost with bridge")
+                 and cut - t0 <= p["end_s"] and p["start_s"] <= restored - t0 + REDIS_FAIL_WINDOW]
+    inside = [s for s in samples if window[0] <= s["t"] <= window[1]]
+    at_cut = ([s for s in samples if s["t"] <= cut] or samples[:1])[-1]
+    active_max = max(((g or {}).get("active", 0) for s in inside for g in s["guards"]), default=0)
+    engine_peak = max(((e or {}).get("connections_peak", 0) for s in inside for e in s["engines"]), default=0)
+    renewals = renewals_in(c.logs[pb] if pb < len(c.logs) else None, restored, window[1])
+    unready, again = chaos.get("cut_unready"), chaos.get("cut_ready_again")
+    return {"bridge": pb, "at_s": round(cut - t0, 2), "down_s": round(restored - cut, 2), "window_s": [round(w - t0, 2) for w in window],
+            "in_flight": len(in_flight), "in_flight_holding_engine": len(holding), "in_flight_failed": len(failed),
+            "in_flight_failed_calls": failed, "dialled_to_it_during_cut": sum(1 for r in runs if r.bridge == pb and cut <= r.start < restored),
+            "failed_elsewhere_near_it": len(elsewhere),
+            "readyz_unready_after_s": None if unready is None else round(unready - cut, 2), "readyz_said": chaos.get("cut_readyz"),
+            "readyz_ready_after_restore_s": None if again is None else round(again - restored, 2),
+            "guard_refused_in_window": refused(inside[-1]) - refused(at_cut) if inside else 0,
+            "guard_active_max_in_window": active_max, "engine_connections_peak_by_window_end": engine_peak,
+            "leases_claimed_back": renewals[0], "leases_lost": renewals[1]}
+
+
+def renewals_in(log: Path | None, since: float, until: float) -> tuple[int | None, int | None]:
+    """(leases claimed back, leases lost) the bridge's log reports from `since` to `until` (time.time()); None without a log."""
+    import re
+
+    if log is None or not log.is_file():
+        return None, None
+    back = lost = 0
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})", line)
+        if not m or not since <= datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp() <= until:
+            continue
+        if (n := re.search(r"forgotten (\d+) .*claimed back", line)) is not None:
+            back += int(n.group(1))
+        elif re.search(r"lease on engine .* (lost|taken by another holder)", line):
+            lost += 1
+    return back, lost
 
 
 def report(args, plan: Plan, r: dict) -> None:
@@ -408,7 +551,8 @@ def report(args, plan: Plan, r: dict) -> None:
         ["calls", f"{args.calls} in {plan.bursts} bursts of {args.burst}, {plan.interval:.1f} s apart"],
         ["outcomes", ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))],
         ["guards refused (busy/token)", f"{d['guard_refused']} ({d['guard_refused_busy']}/{d['guard_refused_token']}), "
-                                        f"{d['guard_refused_before_redis_restart']} before the Redis restart"],
+                                        f"{d['guard_refused_before_redis_restart']} before the Redis restart"
+                                        + (" (outside the Redis cut)" if r.get("redis_cut") else "")],
         ["guard active max / engine peak", f"{d['guard_active_max']} / {d['engine_connections_peak']} "
                                            f"({d['engine_connections_peak_before_redis_restart']} before the Redis restart)"],
         ["engine idle while a caller waited", f"{r['engine_idle_while_waiting_s']} s"],
@@ -425,9 +569,26 @@ def report(args, plan: Plan, r: dict) -> None:
         rows += [["Redis killed at", f"{x['at_s']} s, back after {x['down_s']} s"],
                  ["  in flight / failed of them", f"{x['in_flight']} / {x['in_flight_failed']}; failed near it {x['failed_in_window']}"],
                  ["  next lease after kill / restart s", f"{x['next_lease_after_kill_s']} / {x['next_lease_after_restart_s']}"]]
+    x = r.get("redis_cut")
+    if x:
+        rows += [[f"bridge {x['bridge']} cut from Redis at", f"{x['at_s']} s for {x['down_s']} s (2 x TTL); window to {x['window_s'][1]} s"],
+                 ["  in flight on it / failed of them", f"{x['in_flight']} ({x['in_flight_holding_engine']} holding an engine) / "
+                                                        f"{x['in_flight_failed']}"],
+                 ["  dialled to it in the cut / failed elsewhere", f"{x['dialled_to_it_during_cut']} / {x['failed_elsewhere_near_it']}"],
+                 ["  its /readyz", f"503 after {x['readyz_unready_after_s']} s, 200 {x['readyz_ready_after_restore_s']} s after the restore"],
+                 ["  guards refused / active max / peak", f"{x['guard_refused_in_window']} / {x['guard_active_max_in_window']} / "
+                                                          f"{x['engine_connections_peak_by_window_end']} (in the window)"],
+                 ["  its leases claimed back / lost", f"{_dash(x['leases_claimed_back'])} / {_dash(x['leases_lost'])} "
+                                                      "(restore to window end)"]]
+    elif r.get("redis_cut_skipped"):
+        rows += [["Redis cut", r["redis_cut_skipped"]]]
     print("\n```")
     print(table(["figure", "value"], rows, first_width=34))
     print("```")
+
+
+def _dash(v) -> str:
+    return "-" if v is None else str(v)
 
 
 def _bench_cluster(args) -> int:
@@ -441,12 +602,15 @@ def _bench_cluster(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(args.log_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        with cluster(args, work, plan.wait_secs) as c:
+        faults = plan.faults(args)
+        with cluster(args, work, plan.wait_secs, faults.get("cut_bridge")) as c:
             print(f"scenario: {args.bridges} bridges, {args.engines} guarded engines, Redis {c.redis.url} "
                   f"(lease TTL {args.lease_ttl:g} s, wait {plan.wait_secs:.0f} s); planned {plan.span:.0f} s", flush=True)
             runs, samples, chaos = asyncio.run(drive(args, c, plan))
             time.sleep(0.5)  # the last records are written
             r = figures(args, c, plan, runs, samples, chaos)
+    if not args.no_chaos and "cut" not in faults:
+        r["redis_cut_skipped"] = f"left out: the run ({plan.span:.0f} s) is too short for it between the kill and the restart"
     report(args, plan, r)
     result = {"bench": "cluster", "machine": machine, "argv": argv,
               "params": {k: v for k, v in vars(args).items() if k not in ("name", "log_dir")}

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipelines import builder, config
 from pipelines.bench.launch import free_port, launched, run_command
+from pipelines.bench.relay import Relay
 from pipelines.guard import Guard
 from pipelines.server import CallServer
 from pipelines.sim.caller import place_call
@@ -18,6 +19,9 @@ from pipelines.sim.engine.reference import EngineOptions, ReferenceEngine
 from tests.pipelines.served import fetch, rms, until, variant_config
 
 RATE = 8000
+TTL = 2.0  # lease_ttl_secs in DEPLOYMENT
+CUT_CALL_SECS = 8.0  # the call on the bridge cut off from Redis
+WAITER_SECS = 10.0  # the call on the other bridge, placed during the cut
 
 DEPLOYMENT = """\
 server: {{media_timeout_secs: 5}}
@@ -191,3 +195,72 @@ async def test_calls_go_on_through_a_redis_flush_and_restart_and_new_leases_stay
         outcomes = sorted(c["outcome"] for s in servers for c in s.recent)
     assert outcomes == ["completed"] * 3 and all(r.violations == [] for r in results)
     assert sum(g.stats.admitted for g, _ in guards) == 3 and all(g.stats.refused_token == 0 for g, _ in guards)
+
+
+async def test_a_bridge_cut_off_from_redis_keeps_its_call_and_no_engine_serves_two(tmp_path, redis_server):
+    """Bridge A reaches Redis through a relay; its link is cut (connections dropped, new ones refused)
+    mid-call for more than twice the lease TTL, while its engine socket stays up. A's call goes on (its
+    caller keeps hearing the echo) and its /readyz says the lease store is unreachable; A's lease
+    expires in Redis, so bridge B's caller leases the engine, but its guard answers 503 (the slot is
+    taken) and B gives it back and keeps its caller waiting. When the link returns, A's renewal claims
+    the empty slot back (or finds B's lease there and logs its own taken); A's call ends normally and
+    B's caller gets the engine. Throughout, the guard never has two sessions and the engine never two
+    connections. The cut lasts 2 x TTL + 0.3 s; the test about 11 s."""
+    async with AsyncExitStack() as stack:
+        engine = ReferenceEngine(EngineOptions(mode="echo", handshake_delay_secs=0.2))
+        stack.push_async_callback(engine.stop)
+        guard = Guard(await engine.start(), capacity=1)
+        stack.push_async_callback(guard.stop)
+        url = await guard.start()
+        relay = await stack.enter_async_context(Relay(redis_server.port))
+        for name, store in (("a", relay.url()), ("b", redis_server.url)):
+            (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(DEPLOYMENT.format(urls=url, store=store)))
+        [a] = await bridges(stack, tmp_path / "a.yaml", 1)
+        [b] = await bridges(stack, tmp_path / "b.yaml", 1)
+        [pool_a] = a.engines.pools.values()
+        loop = asyncio.get_running_loop()
+        peak = [0]
+
+        async def watch():
+            while True:
+                peak[0] = max(peak[0], guard.stats.active)
+                await asyncio.sleep(0.01)
+
+        stack.callback(asyncio.create_task(watch()).cancel)
+        t = np.arange(round(CUT_CALL_SECS * RATE)) / RATE
+        tone = (4000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        t0 = loop.time()
+        first = asyncio.create_task(place_call(f"ws://127.0.0.1:{a.port}/exotel", tone, RATE, seconds=CUT_CALL_SECS))
+        await until(lambda: guard.stats.active == 1, 10)  # A's call holds the engine
+        await relay.cut()
+        cut_at = loop.time() - t0
+        second = asyncio.create_task(place_call(f"ws://127.0.0.1:{b.port}/exotel", np.zeros(round(WAITER_SECS * RATE), np.int16),
+                                                RATE, seconds=WAITER_SECS))
+        await asyncio.sleep(1.0)
+        ready_a, ready_b = await asyncio.gather(asyncio.to_thread(fetch, a.port, "/readyz"), asyncio.to_thread(fetch, b.port, "/readyz"))
+        await until(lambda: guard.stats.refused_busy >= 1, 2 * TTL + 1)  # A's lease expired; B leased the engine, its guard said 503
+        refused_at = loop.time() - t0
+        await asyncio.sleep(max(0.0, t0 + cut_at + 2 * TTL + 0.3 - loop.time()))
+        await relay.restore()
+        restored_at = loop.time() - t0
+        await until(lambda: pool_a.available, 5)  # A's next step answered: renewal (claim back or lost) follows within ttl/3
+        await until(lambda: pool_a.stats["lost"] + pool_a.stats.get("reclaimed", 0) >= 1, 2)
+        ready_a_after = await asyncio.to_thread(fetch, a.port, "/readyz")
+        one, two = await first, await second
+        await until(lambda: not a.calls and not b.calls, 10)
+        [rec_a], [rec_b] = a.recent, b.recent
+    print(f"cut {cut_at:.2f}-{restored_at:.2f} s, first 503 at {refused_at:.2f} s; A's pool {pool_a.stats}; guard {guard.stats}")
+    assert ready_a[0] == 503 and "lease store redis://127.0.0.1:" in ready_a[1] and "unreachable" in ready_a[1]
+    assert ready_b[0] == 200 and ready_a_after[0] == 200
+    # A's call went on through the cut and after it, to its end
+    assert rec_a["outcome"] == "completed" and one.violations == []
+    # the echo of the tone (rms about 2800): in the cut's last 2 s, and from the restore to the call's end
+    windows = ((restored_at - 2, restored_at), (restored_at + 0.5, CUT_CALL_SECS - 0.5))
+    heard = {(round(lo, 1), round(hi, 1)): round(rms(one.heard[int(lo * RATE):int(hi * RATE)])) for lo, hi in windows}
+    assert all(level > 1000 for level in heard.values()), heard
+    # B's caller waited (its lease refused by the guard while A's session lasted), then got the engine
+    assert rec_b["outcome"] == "completed" and two.violations == []
+    assert rec_b["stats"]["personaplex"]["pages_received"] > 0
+    # never two sessions on the engine: the guard's peak, the engine's own count
+    assert peak[0] == 1 and guard.stats.active == 0 and engine.stats.connections_peak == 1
+    assert guard.stats.admitted == 2 and guard.stats.refused_busy >= 1 and guard.stats.refused_token == 0
