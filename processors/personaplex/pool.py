@@ -175,6 +175,10 @@ class EnginePool:
             else:
                 engine.state = State.IDLE
 
+    def busy(self, engine: Engine) -> None:
+        """The engine's guard serves another session (a bridge that shares no leases with this one): given back."""
+        self.release(engine)
+
     def failed(self, engine: Engine, reason: str) -> None:
         """The engine did not answer or died: out of rotation, probed until it answers."""
         if engine.state is State.DOWN:

@@ -217,8 +217,9 @@ class PersonaPlexProcessor(FrameProcessor):
                                         tls=tls_context(url, self._params.verify_tls, self._params.ca_file))
             except EngineBusy as exc:
                 # Its guard serves another session (a lease the store forgot, or a bridge that shares no
-                # leases): busy, not broken. Give it back and take the next; a released engine goes last.
-                self._pool.release(self._engine)
+                # leases): busy, not broken. Give it back and take the next, keeping the call's place in the
+                # queue; a released engine goes last.
+                self._pool.busy(self._engine)
                 self._engine = None
                 await self._event(EngineEvent.RELEASED, url=url)
                 logger.warning(f"call {self._call_id}: {exc}; trying another engine")

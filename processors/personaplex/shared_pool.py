@@ -72,6 +72,7 @@ from processors.personaplex.pool import MAX_RETRY_SECS, Engine, NoEngine, PoolPa
 POLL_SECS = 0.25  # a waiter's poll, when no wake-up comes first; also its heartbeat
 VIEW_SECS = 0.25  # the fleet view (count, available, snapshot) and the probe schedule
 WAITER_TTL_SECS = 1.5  # a waiter silent this long (its replica died or stalled) loses its place
+PLACE_KEPT_SECS = 60.0  # a place kept after a guard's "busy" and not taken up by then: its call has ended
 SETTLE_SECS = 1.0  # after the store lost its data: time for every watcher (VIEW_SECS) to claim back, every waiter (POLL_SECS) to re-register
 STORE_TIMEOUT_SECS = 2.0  # one Redis command, connect included
 STORE_ERRORS = (RedisError, OSError, TimeoutError)
@@ -136,7 +137,7 @@ if pos < #free and redis.call('EXISTS', p .. ':settle') == 0 then
   redis.call('SET', p .. ':lease:' .. best[1] .. ':' .. best[2], string.format('%d', token) .. '|' .. holder .. '|' .. call_id, 'PX', ttl_ms)
   redis.call('ZREM', q, me)
   redis.call('DEL', hb)
-  return {'ok', best[1], best[2], token, epoch}
+  return {'ok', best[1], best[2], token, since, epoch}
 end
 redis.call('ZADD', q, since, me)
 redis.call('SET', hb, '1', 'PX', hb_ms)
@@ -219,6 +220,7 @@ class Lease(Engine):
     slot: int = 0
     key: str = ""
     value: str = ""
+    since: str = ""  # the call's place in the queue (its arrival on Redis's clock), kept if a guard says busy
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -252,6 +254,7 @@ class SharedEnginePool:
         # named by the configured list, so replicas share one queue while discovery changes the engines
         self._queue = f"{prefix}:q:{hashlib.sha1(' '.join(sorted(params.urls)).encode()).hexdigest()[:12]}"
         self._held: set[Lease] = set()
+        self._places: dict[str, tuple[str, float]] = {}  # call id -> (its place, when kept): between a guard's "busy" and the next acquire
         self._pending: set[asyncio.Task] = set()
         self._probes: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
@@ -322,7 +325,8 @@ class SharedEnginePool:
         deadline = loop.time() + wait
         waiter = uuid.uuid4().hex
         holder = f"{self.replica}/{waiter}"
-        waited, left, since = False, False, ""  # since: the waiter's place, its arrival on Redis's clock
+        since = self._places.pop(call_id, ("", 0.0))[0]  # the waiter's place: its arrival on Redis's clock, or its place before a busy engine
+        waited, left = False, False
         try:
             while True:
                 wake = self._wake  # taken before the step, so a wake-up between the step and the nap is not missed
@@ -364,6 +368,15 @@ class SharedEnginePool:
         engine.state, engine.call_id = State.IDLE, None
         self._held.discard(engine)
         self._spawn(self._release(keys=[engine.key], args=[engine.value, self.prefix, engine.url]))
+
+    def busy(self, engine: Engine) -> None:
+        """The engine's guard serves another session (its lease expired on a bridge cut off from Redis, or the store
+        lost it): given back, and the call keeps its place in the queue for its next acquire."""
+        if isinstance(engine, Lease) and engine.state is State.BUSY and engine.call_id:
+            now = asyncio.get_running_loop().time()
+            self._places = {call: kept for call, kept in self._places.items() if now - kept[1] < PLACE_KEPT_SECS}  # calls that ended meanwhile
+            self._places[engine.call_id] = (engine.since, now)
+        self.release(engine)
 
     def failed(self, engine: Engine, reason: str) -> None:
         """The engine did not answer or died: out of rotation for the whole fleet, probed by one replica until it answers."""
@@ -453,7 +466,7 @@ class SharedEnginePool:
         _, url, slot, token = reply[:4]
         token = int(token)
         lease = Lease(url, state=State.BUSY, call_id=call_id, token=token, slot=int(slot), key=f"{self.prefix}:lease:{url}:{slot}",
-                      value=f"{token}|{holder}|{call_id}")
+                      value=f"{token}|{holder}|{call_id}", since=reply[4])
         self._held.add(lease)
         self.stats["leases"] += 1
         for view in self.engines:

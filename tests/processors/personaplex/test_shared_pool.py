@@ -312,3 +312,32 @@ async def test_fifo_and_leases_survive_a_flush(replicas, store):
     async with asyncio.timeout(HANG):
         await asyncio.gather(*tasks)
     assert order == [*range(6), "newcomer"]
+
+
+async def test_a_call_refused_by_a_busy_guard_keeps_its_place(replicas, store):
+    """A guard said busy (the lease had expired on a bridge cut off from Redis): the call gives the engine back
+    and asks again from its old place, so callers who came after it still come after it."""
+    pools = await replicas(3, urls(1))
+    held = await pools[0].acquire("holder")
+    granted, tasks = [], {}
+
+    async def call(name, pool):
+        engine = await pool.acquire(name.split()[0])
+        granted.append(name)
+        return pool, engine
+
+    for i, name in enumerate("ABC"):
+        tasks[name] = asyncio.create_task(call(name, pools[i]))
+        await until_async(lambda n=i + 1: _queued(store, pools[0]._queue, n), f"{name} queued")
+    pools[0].release(held)
+    pool, lease = await tasks.pop("A")
+    pool.busy(lease)  # the guard answered 503
+    tasks["A again"] = asyncio.create_task(call("A again", pool))
+    while tasks:
+        async with asyncio.timeout(HANG):
+            done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            tasks.pop(next(name for name, t in tasks.items() if t is task))
+            owner, engine = task.result()
+            owner.release(engine)
+    assert granted.index("A again") < granted.index("C"), granted
