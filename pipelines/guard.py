@@ -32,6 +32,12 @@ engine's own door can enforce it, so the guard stands there, on the engine's mac
   (PersonaPlex's handshake), since the bridge sends nothing during the 2-9 s prompt phase.
 - when either side closes or fails, the other is closed at once: a close frame's code and reason are
   passed on (a code that cannot be sent, such as 1005 or 1006, becomes 1000 towards the upstream).
+- the slot stays taken `teardown_secs` (0.25 s) after the upstream's closing handshake, and the client's
+  close waits for it, so the next session reaches the engine only after the last one's handler has
+  returned: the engine (aiohttp) closes the TCP connection at the handshake, but its handler runs on
+  (PersonaPlex finishes the model step it is in, then frees its lock), and a connection upgraded
+  meanwhile would sit beside the old session. `bench cluster` saw that: an engine's connection peak
+  of 2 once in 200 calls without it, the new session upgraded a few ms before the old handler ended.
   `stop()` closes every session with 1001 both ways.
 
 Close codes the guard itself sends to a client: 4000 idle, 1001 guard stopping.
@@ -65,6 +71,7 @@ STOPPING_CLOSE_CODE = 1001
 CLOSE_TIMEOUT_SECS = 2.0  # how long a close waits for the peer's reply (a frozen peer gets no longer)
 CONNECT_TIMEOUT_SECS = 5.0
 HEALTH_TIMEOUT_SECS = 2.0
+TEARDOWN_SECS = 0.25  # the slot stays taken this long after the engine's closing handshake (module docstring)
 # not relayed: hop-by-hop, the WebSocket handshake's own (each hop has its own), and the lease token
 NOT_RELAYED = frozenset(h.lower() for h in (
     "Host", "Connection", "Upgrade", "Keep-Alive", "Transfer-Encoding", "TE", "Trailer", "Content-Length",
@@ -155,7 +162,7 @@ class Guard:
     when it cannot be) and written to it whenever it rises, before the session is relayed."""
 
     def __init__(self, upstream: str, *, capacity: int = 1, idle_secs: float = 15.0, path: str = "/api/chat",
-                 require_token: bool = False, state_file: str | os.PathLike | None = None) -> None:
+                 require_token: bool = False, state_file: str | os.PathLike | None = None, teardown_secs: float = TEARDOWN_SECS) -> None:
         parts = urlsplit(upstream)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"upstream must be ws://HOST:PORT or wss://HOST:PORT, got {upstream!r}")
@@ -163,6 +170,9 @@ class Guard:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         if idle_secs <= 0:
             raise ValueError(f"idle_secs must be positive, got {idle_secs}")
+        if teardown_secs < 0:
+            raise ValueError(f"teardown_secs must not be negative, got {teardown_secs}")
+        self.teardown_secs = teardown_secs
         self.upstream = upstream.rstrip("/")
         self._upstream_host = parts.hostname
         self._upstream_port = parts.port or (443 if parts.scheme == "wss" else 80)
@@ -302,7 +312,7 @@ class Guard:
                 self.stats.refused_upstream += 1
                 return upstream
             self.stats.admitted += 1
-            client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), timeout=CLOSE_TIMEOUT_SECS,
+            client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), timeout=CLOSE_TIMEOUT_SECS, autoclose=False,
                                            autoping=True, heartbeat=None, compress=False, max_msg_size=0, decode_text=False)
             try:
                 await client.prepare(request)
@@ -363,20 +373,20 @@ class Guard:
                 self.stats.idle_closed += 1
                 await self._end(up, down)
                 await _close(upstream.close(code=1000, message=b"idle client"), upstream)
-                release()
+                await self._torn_down(release)
                 await _close(client.close(code=IDLE_CLOSE_CODE, message=f"idle: no frame from the client for {self.idle_secs:g} s".encode()), client)
             elif up.done():  # the client ended
                 msg = await self._end(up, down)
                 code = msg.data if msg.type is WSMsgType.CLOSE and sendable(msg.data) else 1000
                 what = f"client closed ({msg.type.name} {msg.data if msg.type is WSMsgType.CLOSE else ''})"
                 await _close(upstream.close(code=code, message=(msg.extra or "").encode() if msg.type is WSMsgType.CLOSE else b""), upstream)
-                release()
+                await self._torn_down(release)
                 await _close(client.close(), client)
             else:  # the upstream ended
                 msg = await self._end(down, up)
                 what = f"upstream closed ({msg.type.name} {msg.data if msg.type is WSMsgType.CLOSE else ''})"
                 await _close(upstream.close(), upstream)
-                release()
+                await self._torn_down(release)
                 if msg.type is WSMsgType.CLOSE and sendable(msg.data):
                     await _close(client.close(code=msg.data, message=(msg.extra or "").encode()), client)
                 elif msg.type is WSMsgType.CLOSE:
@@ -397,6 +407,11 @@ class Guard:
             if not upstream.closed:
                 await _close(upstream.close(), upstream)
             logger.info(f"guard: {request.remote}: session over: {what}")
+
+    async def _torn_down(self, release) -> None:
+        """Frees the slot once the engine's handler has had `teardown_secs` to return after the closing handshake."""
+        await asyncio.sleep(self.teardown_secs)
+        release()
 
     @staticmethod
     async def _end(first: asyncio.Task, other: asyncio.Task) -> aiohttp.WSMessage:
@@ -467,6 +482,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-secs", type=float, default=15.0,
                    help="close a session whose client sent no frame for this long (default: %(default)s; above the 2-9 s prompt phase)")
     p.add_argument("--path", default="/api/chat", help="the WebSocket path relayed (default: %(default)s)")
+    p.add_argument("--teardown-secs", type=float, default=TEARDOWN_SECS,
+                   help="keep the slot this long after the engine's closing handshake, while its handler ends (default: %(default)s)")
     p.add_argument("--require-token", action="store_true", help=f"refuse sessions without {TOKEN_HEADER} (428)")
     p.add_argument("--state-file", metavar="PATH",
                    help="keep the highest token admitted in this file (read at start, written durably when it rises), "
@@ -494,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         guard = Guard(args.upstream, capacity=args.capacity, idle_secs=args.idle_secs, path=args.path,
-                      require_token=args.require_token, state_file=args.state_file)
+                      require_token=args.require_token, state_file=args.state_file, teardown_secs=args.teardown_secs)
     except ValueError as exc:  # StateFileError too
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,10 +24,14 @@ Every 0.2 s each guard's and each engine's GET /stats is sampled (time.time()). 
   counted by the reference engine itself; its GET /stats).
 - engine idle while callers waited: sum over samples of min(guards with active 0, callers waiting)
   * 0.2 s, a caller waiting from its asking (as below) to its engine_acquired (or its record's end, or
-  the kill of its bridge); absolute times are the record's started_at + t.
+  the kill of its bridge); absolute times are the record's started_at + t. Split by where it fell: from
+  the bridge kill to TTL + 1 s after it (the dead bridge's leases running out), from the Redis kill to
+  SETTLE_SECS + 1 s after it is back (no lease is granted while holders claim back), and elsewhere.
 - FIFO violations: pairs of calls that both waited (an engine_waiting event, or wait_ms > 500) whose
   order of asking (engine_acquired minus its wait_ms) is the reverse of their engine_acquired order,
   whatever their bridge; both more than 20 ms apart (each replica stamps its own events after Redis answers).
+  Also counted: the pairs with a caller of the bridge cut off from Redis that waited through the cut (it
+  could not reach the queue, so others were served; on the restore it re-registers in its old place).
 - lease set-up: engine_acquired wait_ms of calls that did not wait (no engine_waiting), p50/p99.
 - bridge kill: the engines bridge 0's records say it held at the kill; for each, the first sample in
   which its guard's `admitted` grew, minus the kill time (target: lease TTL + 1 s).
@@ -65,6 +69,7 @@ from pipelines.bench.launch import RedisServer, free_port, free_ports, launched,
 from pipelines.bench.relay import ThreadedRelay
 from pipelines.bench.servers import engine_command, engine_launched, keep_log, our_yaml
 from pipelines.config import CONFIG_DIR
+from processors.personaplex.shared_pool import SETTLE_SECS
 
 CLIP = str(CONFIG_DIR / "clips" / "apology.wav")
 SAMPLE_SECS = 0.2
@@ -447,12 +452,18 @@ def figures(args, c: Cluster, plan: Plan, runs: list[Dialled], samples: list[dic
             n += t < until
         return n
 
-    idle_secs = 0.0
+    # idle engines while callers waited, by where it fell: the killed bridge's leases running out (TTL + 1 s),
+    # the Redis restart (its downtime, the settle window and a second), the rest of the run
+    windows = {"bridge_kill": (kill, kill + args.lease_ttl + 1) if kill else None,
+               "redis_restart": (rkill, rback + SETTLE_SECS + 1) if rkill else None}
+    idle_by = {"bridge_kill": 0.0, "redis_restart": 0.0, "elsewhere": 0.0}
     for s in samples:
         idle = sum(1 for g in s["guards"] if g is not None and g.get("active", 0) == 0)
-        idle_secs += min(idle, waiting_at(s["t"])) * SAMPLE_SECS
+        where = next((name for name, w in windows.items() if w and w[0] <= s["t"] <= w[1]), "elsewhere")
+        idle_by[where] += min(idle, waiting_at(s["t"])) * SAMPLE_SECS
+    idle_secs = sum(idle_by.values())
 
-    # FIFO across replicas
+    # FIFO across replicas; a caller of the bridge cut off from Redis could not hold its place while it waited
     waited = sorted((rec["waiting"], rec["acquired"], cid) for cid, rec in calls.items() if rec["waiting"] and rec["acquired"])
     violations = []
     for i, (w1, a1, c1) in enumerate(waited):
@@ -460,11 +471,19 @@ def figures(args, c: Cluster, plan: Plan, runs: list[Dialled], samples: list[dic
             if w2 - w1 > FIFO_TOLERANCE and a1 - a2 > FIFO_TOLERANCE:
                 violations.append([c1, c2])
 
+    def cut_off(cid: str) -> bool:
+        rec = calls[cid]
+        return bool(cut and restored) and rec["bridge"] == c.partitioned and rec["waiting"] < restored and rec["acquired"] > cut
+
+    by_cut = [pair for pair in violations if cut_off(pair[0]) or cut_off(pair[1])]
+
     # lease set-up
     setup = [rec["wait_ms"] for rec in calls.values() if rec["waiting"] is None and rec["wait_ms"] is not None]
 
     result = {"outcomes": outcomes, "double_bookings": double, "engine_idle_while_waiting_s": round(idle_secs, 1),
+              "engine_idle_while_waiting_by_s": {k: round(v, 1) for k, v in idle_by.items()},
               "waited_calls": len(waited), "fifo_violations": len(violations), "fifo_violation_pairs": violations[:20],
+              "fifo_violations_cut_bridge": len(by_cut),
               "lease_setup_ms": {"n": len(setup), "p50": quantile(setup, 50), "p99": quantile(setup, 99)}}
 
     # bridge kill: engines held by bridge 0 -> first new admission at their guards
@@ -555,8 +574,10 @@ def report(args, plan: Plan, r: dict) -> None:
                                         + (" (outside the Redis cut)" if r.get("redis_cut") else "")],
         ["guard active max / engine peak", f"{d['guard_active_max']} / {d['engine_connections_peak']} "
                                            f"({d['engine_connections_peak_before_redis_restart']} before the Redis restart)"],
-        ["engine idle while a caller waited", f"{r['engine_idle_while_waiting_s']} s"],
-        ["FIFO violations", f"{r['fifo_violations']} pairs of {r['waited_calls']} calls that waited"],
+        ["engine idle while a caller waited", f"{r['engine_idle_while_waiting_s']} s: "
+                                              + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["engine_idle_while_waiting_by_s"].items())],
+        ["FIFO violations", f"{r['fifo_violations']} pairs of {r['waited_calls']} calls that waited"
+                            + (f", {r['fifo_violations_cut_bridge']} with a caller of the bridge cut off from Redis" if r.get("redis_cut") else "")],
         ["lease set-up ms p50/p99", f"{ls['p50']} / {ls['p99']} (n {ls['n']})"],
     ]
     k = r.get("bridge_kill")

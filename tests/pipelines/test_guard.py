@@ -449,3 +449,37 @@ def test_the_cli_starts_from_its_state_file(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         proc.stdout.close()
+
+
+@pytest.mark.parametrize("teardown_secs, overlaps", [(0.3, False), (0.0, True)])
+async def test_the_next_session_waits_for_the_engines_handler_to_return(teardown_secs, overlaps):
+    """aiohttp (PersonaPlex's server) closes the TCP connection at the closing handshake while the handler
+    runs on (a model step to finish, the lock to free); the guard holds the slot through that teardown, so
+    the next session is not upgraded beside the old one. Without it (0 s) the two overlap."""
+    running, peak = [0], [0]
+
+    async def slow_teardown(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        try:
+            async for _ in ws:
+                pass
+            await asyncio.sleep(0.15)  # the handler's teardown, after the handshake
+        finally:
+            running[0] -= 1
+        return ws
+
+    async with upstream_app(slow_teardown) as url, aiohttp.ClientSession() as http:
+        guard = Guard(url, teardown_secs=teardown_secs)
+        await guard.start()
+        try:
+            for _ in range(2):  # the bridge closes, gives its lease back, and the next call connects at once
+                ws = await http.ws_connect(f"{guard_url(guard)}/api/chat")
+                await ws.send_bytes(b"\x01audio")
+                await ws.close()
+            assert await until(lambda: running[0] == 0)
+            assert (peak[0] > 1) is overlaps and guard.stats.refused_busy == 0
+        finally:
+            await guard.stop()
