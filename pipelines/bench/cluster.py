@@ -575,7 +575,9 @@ def report(args, plan: Plan, r: dict) -> None:
         ["guard active max / engine peak", f"{d['guard_active_max']} / {d['engine_connections_peak']} "
                                            f"({d['engine_connections_peak_before_redis_restart']} before the Redis restart)"],
         ["engine idle while a caller waited", f"{r['engine_idle_while_waiting_s']} s: "
-                                              + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["engine_idle_while_waiting_by_s"].items())],
+                                              + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["engine_idle_while_waiting_by_s"].items())
+                                              + f" ({1000 * r['engine_idle_while_waiting_by_s']['elsewhere'] / max(1, r['waited_calls']):.0f} ms "
+                                                "per caller that waited)"],
         ["FIFO violations", f"{r['fifo_violations']} pairs of {r['waited_calls']} calls that waited"
                             + (f", {r['fifo_violations_cut_bridge']} with a caller of the bridge cut off from Redis" if r.get("redis_cut") else "")],
         ["lease set-up ms p50/p99", f"{ls['p50']} / {ls['p99']} (n {ls['n']})"],
