@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from processors.personaplex.discovery import is_dns
 
@@ -38,6 +38,9 @@ class PoolParams(BaseModel):
         "redis://HOST:PORT/DB: every bridge replica leases from one fleet through this Redis (or Valkey); "
         "empty: this process's own pool"))
     lease_ttl_secs: float = Field(10.0, gt=0, le=10.0, description="a lease whose holder stops renewing it expires after this")
+    capacity: int = Field(1, ge=1, description=(
+        "sessions each engine serves at once: 1 for PersonaPlex; more for a multi-session server (its guard's --capacity), "
+        "with lease_store"))
     discover_secs: float = Field(10.0, gt=0, description="dns+ws:// entries are resolved again this often; engines that join or leave follow")
 
     @field_validator("lease_store", mode="before")
@@ -48,6 +51,13 @@ class PoolParams(BaseModel):
         if not str(value).startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"lease_store must be a redis:// (rediss://, unix://) URL, got {str(value)[:40]!r}")
         return value
+
+    @model_validator(mode="after")
+    def _capacity_needs_leases(self):
+        if self.capacity > 1 and not self.lease_store:
+            raise ValueError("capacity above 1 is served through lease_store (the in-process pool leases whole engines): "
+                             "set lease_store, or capacity: 1")
+        return self
 
     @field_validator("urls", mode="before")
     @classmethod

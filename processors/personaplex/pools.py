@@ -82,5 +82,5 @@ class EnginePools:
 def _new_pool(params: PoolParams):
     """The process's own pool, or with `lease_store` the fleet's, shared by every replica through Redis."""
     if params.lease_store:
-        return SharedEnginePool(params, params.lease_store, lease_ttl_secs=params.lease_ttl_secs)
+        return SharedEnginePool(params, params.lease_store, lease_ttl_secs=params.lease_ttl_secs, capacity=params.capacity)
     return EnginePool(params)

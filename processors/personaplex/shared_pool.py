@@ -228,8 +228,8 @@ class SharedEnginePool:
     """Exclusive leases on a fleet of engines shared by every replica through Redis; EnginePool's interface."""
 
     def __init__(self, params: PoolParams, store_url: str, *, replica: str | None = None, lease_ttl_secs: float = 10.0, probe=None,
-                 prefix: str = "cp", capacity: dict[str, int] | None = None):
-        """`capacity`: sessions per engine URL where more than 1 (a multi-session server)."""
+                 prefix: str = "cp", capacity: int | dict[str, int] = 1):
+        """`capacity`: sessions each engine serves at once (a multi-session server: more than 1), or per URL."""
         if not params.urls:
             raise ValueError("an engine pool needs at least one URL")
         if lease_ttl_secs <= 0:
@@ -239,8 +239,8 @@ class SharedEnginePool:
         self.replica = replica or uuid.uuid4().hex[:12]
         self.lease_ttl_secs = lease_ttl_secs
         self.prefix = prefix
-        self._capacity = capacity or {}
-        self.capacity = {url: int(self._capacity.get(url, 1)) for url in self.urls}
+        self._capacity = capacity
+        self.capacity = {url: self._capacity_of(url) for url in self.urls}
         self.engines = [Engine(url) for url in self.urls]  # the fleet view, refreshed every VIEW_SECS
         self.stats = {"leases": 0, "waits": 0, "no_engine": 0, "failures": 0, "recoveries": 0, "lost": 0}
         self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
@@ -290,12 +290,15 @@ class SharedEnginePool:
         return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures, "last_error": e.last_error,
                  "token": e.token} for e in self.engines]
 
+    def _capacity_of(self, url: str) -> int:
+        return int(self._capacity.get(url, 1) if isinstance(self._capacity, dict) else self._capacity)
+
     def set_urls(self, urls: list[str]) -> None:
         """Discovery's new list: engines that joined are offered at once; one that left is no longer leased (a call on it
         goes on, its lease renewed until released)."""
         views = {e.url: e for e in self.engines}
         self.urls = list(urls)
-        self.capacity = {url: int(self._capacity.get(url, 1)) for url in self.urls}
+        self.capacity = {url: self._capacity_of(url) for url in self.urls}
         self.engines = [views.get(url) or Engine(url) for url in self.urls]
         for url in set(views) - set(self.urls):
             if url in self._probes:

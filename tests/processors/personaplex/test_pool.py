@@ -464,6 +464,9 @@ def test_pool_params_split_and_validate_urls():
         PoolParams(lease_store="localhost:6379")
     with pytest.raises(ValueError, match="at least one"):
         EnginePool(PoolParams())
+    with pytest.raises(ValidationError, match="capacity above 1 is served through lease_store"):
+        PoolParams(urls="ws://a:1", capacity=2)
+    assert PoolParams(urls="ws://a:1", capacity=2, lease_store="redis://r:6379/0").capacity == 2
 
 
 def test_an_engine_in_two_pools_is_refused():

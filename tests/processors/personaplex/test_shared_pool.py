@@ -341,3 +341,14 @@ async def test_a_call_refused_by_a_busy_guard_keeps_its_place(replicas, store):
             owner, engine = task.result()
             owner.release(engine)
     assert granted.index("A again") < granted.index("C"), granted
+
+
+async def test_capacity_from_the_config_applies_to_every_engine_discovered(replicas):
+    (pool,) = await replicas(1, urls(1), capacity=2)
+    pool.set_urls(urls(2))  # one more engine joins: it serves two sessions too
+    held = [await pool.acquire(f"call-{i}") for i in range(4)]
+    assert sorted((e.url, e.slot) for e in held) == [(u, s) for u in urls(2) for s in (0, 1)]
+    with pytest.raises(NoEngine, match="stayed busy"):
+        await pool.acquire("fifth", timeout=0.2)
+    for engine in held:
+        pool.release(engine)
