@@ -20,7 +20,8 @@ Keys (P = `prefix`; URL = an engine URL; POOL = a digest of the pool's sorted UR
   P:probe:URL           "wait" PX backoff, then the prober's id (SET NX PX): exactly one probe per backoff, fleet-wide
   P:failures            hash URL -> times the engine left the rotation
   P:epoch               the store's epoch, made when absent; a replica that knew another sees the store lost its data
-  P:settle              PX SETTLE_SECS after that: no lease is granted while holders claim back and waiters re-register
+  P:settle              PX SETTLE_SECS from the epoch's making: no lease is granted while holders claim back and
+                        waiters re-register (a new store waits too: it cannot be told from an emptied one)
 
 Acquire: one script prunes dead waiters, finds the caller's place k among the live ones (a newcomer's place
 is the tail) and, outside a settle window, takes a slot only if k < free slots of healthy engines, so no caller is overtaken: those
@@ -31,7 +32,7 @@ refreshes the waiter's heartbeat. Only a waiter's own script grants it a lease, 
 cancelled cannot strand one; a script answer that arrives after the caller left is released.
 
 Lost data (FLUSHALL, or a restart without persistence): the first replica to touch the store after it (its
-watcher every 250 ms, or an acquire) makes a new epoch and opens the settle window; each replica, seeing the new
+watcher every 250 ms, or an acquire, or a replica just started) makes a new epoch and opens the settle window; each replica, seeing the new
 epoch, renews at once, which claims its leases back, and its waiters re-register with their arrival scores. When
 the window closes (SETTLE_SECS, about a second) the store knows again which engines are taken and who waits in
 which order, so leases resume in FIFO order without landing on taken engines. A replica that stalls through the
@@ -78,28 +79,29 @@ STORE_TIMEOUT_SECS = 2.0  # one Redis command, connect included
 STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
 _EPOCH = """
-local function epoch_of(p, known, settle_ms)
+local function epoch_of(p, settle_ms)
   local cur = redis.call('GET', p .. ':epoch')
   if cur then return cur end
   local t = redis.call('TIME')
   cur = t[1] .. '.' .. t[2]
   redis.call('SET', p .. ':epoch', cur)
-  if known ~= '' then redis.call('SET', p .. ':settle', cur, 'PX', settle_ms) end
+  redis.call('SET', p .. ':settle', cur, 'PX', settle_ms)
   return cur
 end
 """
-# The store's epoch: a replica that knew another one sees the store lost its data (a flush, or a restart
-# without persistence). The first to see it opens the settle window, in which no lease is granted: every
-# holder claims its lease back and every waiter re-registers in its old place before leases resume.
+# The store's epoch, made when absent: by the fleet's first replica on a new store, or after the store lost
+# its data (a flush, or a restart without persistence). Either way the settle window opens, in which no
+# lease is granted: every holder claims its lease back and every waiter re-registers in its old place
+# before leases resume. A new store and an emptied one look alike, so both wait: once per store's life.
 
 _ACQUIRE = _EPOCH + """
 local p, me = ARGV[1], ARGV[2]
 local hb_ms, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local holder, call_id, since = ARGV[5], ARGV[6], ARGV[7]
-local epoch = epoch_of(p, ARGV[8], ARGV[9])
+local epoch = epoch_of(p, ARGV[8])
 local q, hb = KEYS[1], p .. ':w:' .. me
 local free, healthy = {}, 0
-for i = 10, #ARGV do
+for i = 9, #ARGV do
   local url = ARGV[i]
   if redis.call('EXISTS', p .. ':down:' .. url) == 0 then
     healthy = healthy + 1
@@ -145,7 +147,7 @@ return {'wait', pos, #free, since, epoch}
 """
 
 _SEE_EPOCH = _EPOCH + """
-return epoch_of(ARGV[1], ARGV[2], ARGV[3])
+return epoch_of(ARGV[1], ARGV[2])
 """
 
 _LEAVE = """
@@ -416,8 +418,7 @@ class SharedEnginePool:
 
     async def _try(self, waiter: str, holder: str, call_id: str, since: str, timeout: float) -> list:
         """One acquire step. Shielded: if the caller is cancelled or times out, a lease the step granted anyway is released."""
-        args = [self.prefix, waiter, _ms(WAITER_TTL_SECS), _ms(self.lease_ttl_secs), holder, call_id, since, self._epoch,
-                _ms(SETTLE_SECS), *self.urls]
+        args = [self.prefix, waiter, _ms(WAITER_TTL_SECS), _ms(self.lease_ttl_secs), holder, call_id, since, _ms(SETTLE_SECS), *self.urls]
         step = asyncio.ensure_future(self._acquire(keys=[self._queue], args=args))
         try:
             return await asyncio.wait_for(asyncio.shield(step), timeout)
@@ -549,7 +550,7 @@ class SharedEnginePool:
     async def _refresh(self) -> list[str]:
         """The fleet view from Redis; returns the URLs out of rotation."""
         p, urls, views, capacity = self.prefix, list(self.urls), list(self.engines), dict(self.capacity)  # set_urls may run meanwhile
-        self._saw_epoch(await self._see_epoch(args=[p, self._epoch, _ms(SETTLE_SECS)]))
+        self._saw_epoch(await self._see_epoch(args=[p, _ms(SETTLE_SECS)]))
         if not urls:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
