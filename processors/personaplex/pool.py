@@ -100,19 +100,10 @@ class Engine:
     token: int | None = None  # the fencing token of the current lease (a shared pool's; grows per engine)
 
 
-class EnginePool:
-    """Exclusive leases on engines, FIFO waiting, failover and background recovery."""
+class EngineFleet:
+    """What every pool shows of its engines: for /stats, /readyz and the metrics."""
 
-    def __init__(self, params: PoolParams, probe=None):
-        """`probe(url, timeout)` raises when the engine does not hand-shake (default: a PersonaPlex session)."""
-        if not params.urls:
-            raise ValueError("an engine pool needs at least one URL")
-        self.params = params
-        self.engines = [Engine(url) for url in params.urls if not is_dns(url)]  # dns+ws:// entries: set_urls, from discovery
-        self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
-        self._waiters: deque[tuple[asyncio.Future, str]] = deque()
-        self._probes: dict[Engine, asyncio.Task] = {}
-        self.stats = {"leases": 0, "waits": 0, "no_engine": 0, "failures": 0, "recoveries": 0}
+    engines: list[Engine]
 
     @property
     def size(self) -> int:
@@ -126,9 +117,32 @@ class EnginePool:
         """At least one engine in rotation (idle or busy): what readiness reports."""
         return self.count(State.DOWN) < self.size
 
+    @property
+    def problem(self) -> str | None:
+        """Why calls cannot be served now, for /readyz; None when they can."""
+        return None if self.available else "no engine in rotation"
+
     def snapshot(self) -> list[dict]:
-        return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures,
-                 "last_error": e.last_error} for e in self.engines]
+        return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures, "last_error": e.last_error,
+                 "token": e.token} for e in self.engines]
+
+    async def start(self) -> None:
+        """Whatever the pool needs before its first lease (a process's own pool: nothing)."""
+
+
+class EnginePool(EngineFleet):
+    """Exclusive leases on engines, FIFO waiting, failover and background recovery."""
+
+    def __init__(self, params: PoolParams, probe=None):
+        """`probe(url, timeout)` raises when the engine does not hand-shake (default: a PersonaPlex session)."""
+        if not params.urls:
+            raise ValueError("an engine pool needs at least one URL")
+        self.params = params
+        self.engines = [Engine(url) for url in params.urls if not is_dns(url)]  # dns+ws:// entries: set_urls, from discovery
+        self._probe = probe or _personaplex_probe(params.probe_voice_prompt)
+        self._waiters: deque[tuple[asyncio.Future, str]] = deque()
+        self._probes: dict[Engine, asyncio.Task] = {}
+        self.stats = {"leases": 0, "waits": 0, "no_engine": 0, "failures": 0, "recoveries": 0}
 
     def set_urls(self, urls: list[str]) -> None:
         """Discovery's new list: an engine that joined serves the longest waiter at once; one that left is dropped (a

@@ -56,11 +56,7 @@ class EnginePools:
 
     def problem(self) -> str | None:
         """Why not every pool can serve a call now (a shared pool's store unreachable, no engine in rotation)."""
-        for pool in self.pools.values():
-            why = getattr(pool, "problem", None if pool.available else "no engine in rotation")
-            if why:
-                return why
-        return None
+        return next((pool.problem for pool in self.pools.values() if pool.problem), None)
 
     async def start(self) -> None:
         """Resolve the dns+ws:// entries (and keep re-resolving them); connect the shared pools to their store."""
@@ -69,8 +65,7 @@ class EnginePools:
                 discovery = Discovery(list(urls), pool.params.discover_secs, pool.set_urls)
                 self._discoveries.append(discovery)
                 await discovery.start()
-            if hasattr(pool, "start"):
-                await pool.start()
+            await pool.start()
 
     async def close(self) -> None:
         for discovery in self._discoveries:

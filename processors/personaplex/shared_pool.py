@@ -68,7 +68,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from processors.personaplex.discovery import is_dns
-from processors.personaplex.pool import MAX_RETRY_SECS, Engine, NoEngine, PoolParams, State, _personaplex_probe, all_down
+from processors.personaplex.pool import MAX_RETRY_SECS, Engine, EngineFleet, NoEngine, PoolParams, State, _personaplex_probe, all_down
 
 POLL_SECS = 0.25  # a waiter's poll, when no wake-up comes first; also its heartbeat
 VIEW_SECS = 0.25  # the fleet view (count, available, snapshot) and the probe schedule
@@ -226,7 +226,7 @@ class Lease(Engine):
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class SharedEnginePool:
+class SharedEnginePool(EngineFleet):
     """Exclusive leases on a fleet of engines shared by every replica through Redis; EnginePool's interface."""
 
     def __init__(self, params: PoolParams, store_url: str, *, replica: str | None = None, lease_ttl_secs: float = 10.0, probe=None,
@@ -266,15 +266,7 @@ class SharedEnginePool:
         self._epoch = ""  # the store's epoch this replica knows; another one means the store lost its data
         self._renew_now = asyncio.Event()
 
-    # -- the view ------------------------------------------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return len(self.engines)
-
-    def count(self, state: State) -> int:
-        """From the fleet view (at most VIEW_SECS old); IDLE means a free slot."""
-        return sum(e.state is state for e in self.engines)
+    # -- the view (EngineFleet's, from Redis at most VIEW_SECS old; IDLE means a free slot) -------------------------
 
     @property
     def problem(self) -> str | None:
@@ -286,11 +278,7 @@ class SharedEnginePool:
     @property
     def available(self) -> bool:
         """Redis answers and at least one engine is in rotation fleet-wide: what readiness reports."""
-        return self._store_ok and self.count(State.DOWN) < self.size
-
-    def snapshot(self) -> list[dict]:
-        return [{"url": e.url, "state": e.state.value, "call_id": e.call_id, "failures": e.failures, "last_error": e.last_error,
-                 "token": e.token} for e in self.engines]
+        return self._store_ok and super().available
 
     def _capacity_of(self, url: str) -> int:
         return int(self._capacity.get(url, 1) if isinstance(self._capacity, dict) else self._capacity)
